@@ -1,0 +1,6 @@
+"""Ovis2 for Xinference, served by transformers' native Ovis2 implementation.
+
+Kept free of imports: ``ovis2_xinf._autoload`` is imported at every interpreter start.
+"""
+
+__version__ = "0.1.0"
