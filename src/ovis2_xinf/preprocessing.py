@@ -1,0 +1,166 @@
+"""Image preprocessing that reproduces the original Ovis2 implementation exactly.
+
+The original picks a crop grid as (rows, cols) by covering ratio, resizes each crop
+keeping its aspect ratio and pads it to a square in normalized space; transformers'
+native ``Ovis2ImageProcessor`` transposes the grid for non-square images and stretches
+crops instead, so it cannot be used for checkpoints trained the original way. This is
+where the image grid is chosen.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Dict, List, Sequence, Tuple, Union
+
+import json
+
+import numpy as np
+import torch
+from PIL import Image
+
+# Placeholder layout of one image, in the original's symbolic ids.
+IMAGE_ATOM = "atom"
+INDICATORS = ("start", "separator", "col", "row", "end")
+COVERING_THRESHOLD = 0.9
+
+Grid = Tuple[int, int]
+Box = Tuple[int, int, int, int]
+
+
+def partition(width: int, height: int, grid: Grid) -> List[Box]:
+    """Crop boxes for a (rows, cols) grid; the last row/column absorbs the remainder."""
+    rows, cols = grid
+    row_height = height // rows
+    col_width = width // cols
+    boxes = []
+    for row in range(rows):
+        for col in range(cols):
+            left = col * col_width
+            upper = row * row_height
+            right = width if col == cols - 1 else (col + 1) * col_width
+            lower = height if row == rows - 1 else (row + 1) * row_height
+            boxes.append((left, upper, right, lower))
+    return boxes
+
+
+def _covering_area(box: Box, side: int) -> float:
+    long_edge = box[2] - box[0]
+    short_edge = box[3] - box[1]
+    long_edge, short_edge = max(long_edge, short_edge), min(long_edge, short_edge)
+    if long_edge > side:
+        short_edge = short_edge / long_edge * side
+        long_edge = side
+    return long_edge * short_edge
+
+
+def choose_grid(width: int, height: int, side: int, max_partition: int) -> Grid:
+    """The smallest grid covering more than 90% of the image at crop resolution.
+
+    Ties go to the higher covering ratio; if no grid covers enough, the best-covering
+    grid wins, ties going to fewer crops.
+    """
+    if max_partition < 1:
+        raise ValueError(f"max_partition must be at least 1, got {max_partition}")
+    area = width * height
+    scored = []
+    for rows in range(1, max_partition + 1):
+        for cols in range(1, max_partition + 1):
+            if rows * cols > max_partition:
+                continue
+            ratio = sum(_covering_area(b, side) for b in partition(width, height, (rows, cols))) / area
+            scored.append(((rows, cols), ratio))
+    good = [item for item in scored if item[1] > COVERING_THRESHOLD]
+    if good:
+        return min(good, key=lambda x: (x[0][0] * x[0][1], -x[1]))[0]
+    return min(scored, key=lambda x: (-x[1], x[0][0] * x[0][1]))[0]
+
+
+def placeholder_layout(grid: Grid) -> List[str]:
+    """Symbolic placeholder sequence of one image: indicators around one atom per crop."""
+    start, separator, col_sep, row_sep, end = INDICATORS
+    layout = [start, IMAGE_ATOM, separator]
+    rows, cols = grid
+    if rows * cols > 1:
+        for row in range(rows):
+            for col in range(cols):
+                layout.append(IMAGE_ATOM)
+                if col < cols - 1:
+                    layout.append(col_sep)
+            if row < rows - 1:
+                layout.append(row_sep)
+    layout.append(end)
+    return layout
+
+
+@dataclass(frozen=True)
+class ProcessedImage:
+    pixel_values: torch.Tensor  # (crops, 3, side, side), float32
+    grid: Grid
+    layout: List[str]
+
+
+class Ovis2ImagePreprocessor:
+    """Per-checkpoint preprocessing, configured from ``preprocessor_config.json``."""
+
+    def __init__(self, config: Dict[str, Any]):
+        crop = config.get("crop_size") or {}
+        size = config.get("size") or {}
+        side = crop.get("height") or size.get("shortest_edge") or size.get("height")
+        if not side or (crop and crop.get("height") != crop.get("width")):
+            raise ValueError(f"preprocessor_config.json: need a square crop_size, got {crop or size}")
+        self.side = int(side)
+        self.mean = np.asarray(config.get("image_mean", (0.48145466, 0.4578275, 0.40821073)), dtype=np.float32)
+        self.std = np.asarray(config.get("image_std", (0.26862954, 0.26130258, 0.27577711)), dtype=np.float32)
+        self.rescale_factor = float(config.get("rescale_factor", 1 / 255))
+        self.resample = Image.Resampling(int(config.get("resample", Image.Resampling.BICUBIC)))
+
+    @classmethod
+    def from_pretrained(cls, path: Union[str, Path]) -> "Ovis2ImagePreprocessor":
+        config_path = Path(path) / "preprocessor_config.json"
+        try:
+            config = json.loads(config_path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{config_path}: missing (the checkpoint needs its preprocessor config)") from None
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{config_path}: not valid JSON: {exc}") from None
+        return cls(config)
+
+    def _resize_and_pad(self, image: Image.Image) -> np.ndarray:
+        side = self.side
+        width, height = image.size
+        if width == height:
+            new_width = new_height = side
+        elif width > height:
+            new_width = side
+            new_height = int(height / width * new_width)
+        else:
+            new_height = side
+            new_width = int(width / height * new_height)
+        resized = image.resize((new_width, new_height), resample=self.resample, reducing_gap=None)
+        values = np.asarray(resized, dtype=np.uint8).astype(np.float64) * self.rescale_factor
+        values = (values.astype(np.float32) - self.mean) / self.std
+        square = np.zeros((side, side, 3), dtype=np.float32)
+        if new_height > new_width:
+            offset = (side - new_width) // 2
+            square[:, offset : offset + new_width] = values
+        elif new_width > new_height:
+            offset = (side - new_height) // 2
+            square[offset : offset + new_height, :] = values
+        else:
+            square[:] = values
+        return square
+
+    def __call__(self, image: Image.Image, max_partition: int) -> ProcessedImage:
+        if image.mode != "RGB":
+            image = image.convert("RGB")
+        grid = choose_grid(image.width, image.height, self.side, max_partition)
+        crops = [image.crop(box) for box in partition(image.width, image.height, grid)]
+        if len(crops) > 1:
+            crops.insert(0, image)
+        stacked = np.stack([self._resize_and_pad(crop) for crop in crops]).transpose(0, 3, 1, 2)
+        return ProcessedImage(torch.from_numpy(np.ascontiguousarray(stacked)), grid, placeholder_layout(grid))
+
+    def process_many(self, images: Sequence[Image.Image], max_partition: int) -> List[ProcessedImage]:
+        return [self(image, max_partition) for image in images]
