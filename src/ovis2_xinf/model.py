@@ -1,18 +1,62 @@
-"""The Xinference model class that serves Ovis2 with transformers' native implementation."""
+"""The Xinference model class that serves Ovis2 with transformers' native implementation.
+
+It loads the original AIDC-AI checkpoints without running their code (see
+:mod:`ovis2_xinf.loader`), turns OpenAI messages into the original Ovis prompt (see
+:mod:`ovis2_xinf.messages`) and answers in OpenAI's chat format, streaming or not.
+Requests are served one at a time (``allow_batch = False``): Xinference's model actor
+then queues them, so concurrent requests never share a generation.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
-from typing import Tuple, Union
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
+import torch
 from xinference.model.llm.transformers.core import PytorchChatModel
+
+from .checkpoint import tokens_per_crop
+from .errors import Ovis2RequestError
+from .generation import SamplingPlan, TextEvent, plan_sampling, stream_text, stream_tokens
+from .media import MediaLimits
+from .messages import build_conversation
+from .preprocessing import Ovis2ImagePreprocessor
+from .prompt import EncodedPrompt, encode
 
 logger = logging.getLogger(__name__)
 
 SUPPORTED_FORMATS = ("pytorch", "gptq")
+SPECIAL_TOKENS = ("<|im_end|>", "<|endoftext|>")
+
+
+def _dtype(name: Any, device: str) -> torch.dtype:
+    from xinference.device_utils import get_device_preferred_dtype
+
+    if name in (None, "", "auto"):
+        preferred = get_device_preferred_dtype(device)
+        return preferred if preferred is not None else torch.float32
+    if isinstance(name, torch.dtype):
+        return name
+    value = getattr(torch, str(name), None)
+    if not isinstance(value, torch.dtype):
+        raise ValueError(f"torch_dtype: {name!r} is not a torch dtype (try bfloat16, float16 or float32)")
+    return value
+
+
+@dataclass
+class _Prepared:
+    encoded: EncodedPrompt
+    plan: SamplingPlan
+    include_usage: bool
 
 
 class Ovis2NativeChatModel(PytorchChatModel):
+    allow_batch = False
+
     @classmethod
     def match_json(cls, llm_family, llm_spec, quantization: str) -> Union[bool, Tuple[bool, str]]:
         if llm_spec.model_format not in SUPPORTED_FORMATS:
@@ -22,3 +66,188 @@ class Ovis2NativeChatModel(PytorchChatModel):
         if "vision" not in llm_family.model_ability:
             return False, "ovis2-xinf requires the vision ability"
         return True
+
+    # --- loading -------------------------------------------------------------------
+
+    def _device_and_memory(self) -> Tuple[str, Optional[Dict[Union[int, str], int]]]:
+        from xinference.model.utils import select_device
+
+        device = select_device(self._pytorch_model_config.get("device", "auto"))
+        max_memory = None
+        if device == "cuda" and torch.cuda.device_count() > 1:
+            max_memory = {i: int(torch.cuda.mem_get_info(i)[0] * 0.9) for i in range(torch.cuda.device_count())}
+        return device, max_memory
+
+    def load(self) -> None:
+        from .loader import load_model
+        from .quantization import quantization_loader_for
+
+        config = self._pytorch_model_config
+        device, max_memory = self._device_and_memory()
+        dtype = _dtype(config.get("torch_dtype"), device)
+        attention = config.get("attn_implementation")
+        if config.get("enable_flash_attn"):
+            attention = "flash_attention_2"
+        quantizer = quantization_loader_for(self.model_spec.model_format, self.model_path, device)
+        loaded = load_model(
+            self.model_path,
+            dtype=dtype,
+            device=device if not max_memory else "cuda:0",
+            attn_implementation=attention,
+            max_memory=max_memory,
+            quantization_loader=quantizer,
+        )
+        self._loaded = loaded
+        self._model = loaded.model
+        self._tokenizer = loaded.tokenizer
+        self._device = device
+        self._batch_scheduler = None
+        self._preprocessor = Ovis2ImagePreprocessor(loaded.checkpoint.preprocessor)
+        self._tokens_per_crop = tokens_per_crop(loaded.model.config)
+        self._eos_ids = [i for i in (self._tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS) if i is not None]
+        self._pad_id = self._tokenizer.pad_token_id if self._tokenizer.pad_token_id is not None else self._eos_ids[-1]
+        self._generation_defaults = self._read_generation_defaults()
+        text_config = loaded.model.config.text_config
+        self._context_length = int(
+            config.get("context_length")
+            or min(self.model_family.context_length or 32768, text_config.max_position_embeddings)
+        )
+        self._limits = MediaLimits.from_env()
+        logger.info(
+            "Ovis2 loaded from %s on %s (%s, attention %s, context %d)",
+            self.model_path, device, dtype, loaded.model.config._attn_implementation, self._context_length,
+        )
+
+    def _read_generation_defaults(self) -> Dict[str, Any]:
+        path = self._loaded.checkpoint.path / "generation_config.json"
+        if not path.exists():
+            return {}
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: not valid JSON ({exc})") from None
+
+    # --- requests --------------------------------------------------------------------
+
+    def _option(self, config: Dict[str, Any], key: str) -> Any:
+        extra = config.get("chat_template_kwargs")
+        if isinstance(extra, str):
+            try:
+                extra = json.loads(extra)
+            except json.JSONDecodeError:
+                extra = None
+        value = config.get(key)
+        if value is None and isinstance(extra, dict):
+            value = extra.get(key)
+        return value if value is not None else self._pytorch_model_config.get(key)
+
+    def _prepare(self, messages: List[Dict], config: Dict[str, Any]) -> _Prepared:
+        max_partition = self._option(config, "max_partition")
+        video_frames = self._option(config, "video_frames")
+        for name, value in (("max_partition", max_partition), ("video_frames", video_frames)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise Ovis2RequestError(f"{name}: must be a positive integer, got {value!r}")
+        conversation = build_conversation(messages, self._limits, max_partition, video_frames)
+        processed = [self._preprocessor(image, conversation.max_partition) for image in conversation.images]
+        encoded = encode(self._tokenizer, conversation.turns, processed, self._loaded.placeholders, self._tokens_per_crop)
+        plan = plan_sampling(
+            config,
+            self._generation_defaults,
+            self._eos_ids,
+            self._pad_id,
+            encoded.input_ids.shape[1],
+            self._context_length,
+        )
+        options = config.get("stream_options") or {}
+        return _Prepared(encoded, plan, bool(isinstance(options, dict) and options.get("include_usage")))
+
+    def _inputs(self, encoded: EncodedPrompt) -> Dict[str, Any]:
+        device = self._model.get_input_embeddings().weight.device
+        inputs: Dict[str, Any] = {
+            "input_ids": encoded.input_ids.to(device),
+            "attention_mask": torch.ones_like(encoded.input_ids, device=device),
+        }
+        if encoded.pixel_values is not None:
+            vision_device = self._model.model.vision_tower.head_linear.weight.device
+            dtype = self._loaded.dtype
+            inputs["pixel_values"] = encoded.pixel_values.to(vision_device, dtype)
+        return inputs
+
+    def _events(self, prepared: _Prepared) -> Iterator[TextEvent]:
+        tokens = stream_tokens(self._model, self._inputs(prepared.encoded), prepared.plan)
+        return stream_text(tokens, self._tokenizer, prepared.plan, self._eos_ids)
+
+    def _usage(self, prepared: _Prepared, completion_tokens: int) -> Dict[str, int]:
+        prompt_tokens = int(prepared.encoded.input_ids.shape[1])
+        return {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        }
+
+    def chat(
+        self, messages: List[Dict], generate_config: Optional[Dict[str, Any]] = None
+    ) -> Union[Dict[str, Any], Iterator[Dict[str, Any]]]:
+        config = dict(generate_config or {})
+        if config.get("tools"):
+            raise Ovis2RequestError("tools: Ovis2 does not support tool calls")
+        prepared = self._prepare(messages, config)
+        if config.get("stream"):
+            return self._stream_chunks(prepared)
+        return self._complete(prepared)
+
+    def _complete(self, prepared: _Prepared) -> Dict[str, Any]:
+        text, finish_reason, completion_tokens = "", "length", 0
+        for event in self._events(prepared):
+            text += event.text
+            completion_tokens = event.completion_tokens
+            if event.finish_reason:
+                finish_reason = event.finish_reason
+        return {
+            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": self.model_uid,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text},
+                    "finish_reason": finish_reason,
+                    "logprobs": None,
+                }
+            ],
+            "usage": self._usage(prepared, completion_tokens),
+        }
+
+    def _stream_chunks(self, prepared: _Prepared) -> Iterator[Dict[str, Any]]:
+        chunk_id = f"chatcmpl-{uuid.uuid4().hex}"
+        created = int(time.time())
+
+        def chunk(delta: Dict[str, Any], finish_reason: Optional[str], usage=None, choices=True) -> Dict[str, Any]:
+            body: Dict[str, Any] = {
+                "id": chunk_id,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": self.model_uid,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]
+                if choices
+                else [],
+            }
+            if usage is not None:
+                body["usage"] = usage
+            return body
+
+        events = self._events(prepared)
+        completion_tokens = 0
+        try:
+            yield chunk({"role": "assistant", "content": ""}, None)
+            for event in events:
+                completion_tokens = event.completion_tokens
+                if event.text:
+                    yield chunk({"content": event.text}, None)
+                if event.finish_reason:
+                    yield chunk({}, event.finish_reason)
+            if prepared.include_usage:
+                yield chunk({}, None, usage=self._usage(prepared, completion_tokens), choices=False)
+        finally:
+            events.close()

@@ -1,0 +1,216 @@
+"""Sampling settings and the token stream shared by streaming and non-streaming chat.
+
+Both paths consume the same :func:`stream_tokens` iterator, so for the same seed they
+produce the same text. Generation runs in a background thread; closing the iterator
+(a client that disconnects) stops it at the next token.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import dataclass
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
+
+import torch
+
+from .errors import Ovis2LimitError, Ovis2RequestError
+
+SAMPLING_DEFAULTS = {"do_sample": False, "temperature": 1.0, "top_p": 1.0, "top_k": 50, "repetition_penalty": 1.0}
+DEFAULT_MAX_TOKENS = 1024
+
+
+@dataclass
+class SamplingPlan:
+    generate_kwargs: Dict[str, Any]
+    seed: Optional[int]
+    stop: List[str]
+    max_new_tokens: int
+
+
+def _number(config: Dict[str, Any], key: str, kind: type, low: float, high: float) -> Any:
+    value = config.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise Ovis2RequestError(f"{key}: must be a number, got {value!r}")
+    if not low <= value <= high:
+        raise Ovis2RequestError(f"{key}: {value} is outside [{low}, {high}]")
+    return kind(value)
+
+
+def plan_sampling(
+    config: Dict[str, Any],
+    checkpoint_defaults: Dict[str, Any],
+    eos_token_ids: Sequence[int],
+    pad_token_id: int,
+    prompt_tokens: int,
+    context_length: int,
+) -> SamplingPlan:
+    """Merge request settings over the checkpoint's generation_config.json."""
+    if prompt_tokens >= context_length:
+        raise Ovis2LimitError(
+            f"prompt: {prompt_tokens} tokens (text and image tokens together) reach the "
+            f"context length of {context_length}; send fewer or smaller images or less text"
+        )
+    defaults = {**SAMPLING_DEFAULTS, **{k: v for k, v in checkpoint_defaults.items() if k in SAMPLING_DEFAULTS}}
+    temperature = _number(config, "temperature", float, 0.0, 100.0)
+    top_p = _number(config, "top_p", float, 0.0, 1.0)
+    top_k = _number(config, "top_k", int, -1, 1_000_000)
+    repetition_penalty = _number(config, "repetition_penalty", float, 0.01, 100.0)
+    max_tokens = _number(config, "max_tokens", int, 1, 10**9) or DEFAULT_MAX_TOKENS
+    seed = _number(config, "seed", int, -(2**63), 2**63 - 1)
+
+    do_sample = bool(defaults["do_sample"])
+    if temperature is not None:
+        do_sample = temperature > 0
+    kwargs: Dict[str, Any] = {"do_sample": do_sample}
+    if do_sample:
+        kwargs["temperature"] = temperature if temperature is not None else defaults["temperature"]
+        kwargs["top_p"] = top_p if top_p is not None else defaults["top_p"]
+        chosen_top_k = top_k if top_k is not None else defaults["top_k"]
+        kwargs["top_k"] = None if chosen_top_k in (-1, 0) else chosen_top_k
+    kwargs["repetition_penalty"] = (
+        repetition_penalty if repetition_penalty is not None else defaults["repetition_penalty"]
+    )
+
+    stop_ids = config.get("stop_token_ids") or []
+    if isinstance(stop_ids, int):
+        stop_ids = [stop_ids]
+    if not isinstance(stop_ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in stop_ids):
+        raise Ovis2RequestError(f"stop_token_ids: must be a list of integers, got {stop_ids!r}")
+    eos = list(dict.fromkeys([*eos_token_ids, *stop_ids]))
+
+    stop = config.get("stop") or []
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+        raise Ovis2RequestError(f"stop: must be a string or a list of strings, got {stop!r}")
+    stop = [s for s in stop if s]
+
+    max_new_tokens = min(max_tokens, context_length - prompt_tokens)
+    kwargs.update(max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad_token_id, use_cache=True)
+    return SamplingPlan(kwargs, seed, stop, max_new_tokens)
+
+
+class _TokenQueue:
+    """A transformers streamer that hands generated token ids to another thread."""
+
+    def __init__(self):
+        self.queue: "queue.Queue[Union[int, BaseException, None]]" = queue.Queue()
+        self._prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self._prompt_seen:
+            self._prompt_seen = True
+            return
+        for token in value.reshape(-1).tolist():
+            self.queue.put(int(token))
+
+    def end(self) -> None:
+        self.queue.put(None)
+
+
+class _Cancelled:
+    """Stopping criterion flipped from the consumer side."""
+
+    def __init__(self):
+        self.event = threading.Event()
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+def stream_tokens(model, inputs: Dict[str, Any], plan: SamplingPlan) -> Iterator[int]:
+    """Yield generated token ids as they come; closing the iterator stops generation."""
+    from transformers import StoppingCriteriaList
+
+    streamer = _TokenQueue()
+    cancelled = _Cancelled()
+    if plan.seed is not None:
+        torch.manual_seed(plan.seed)
+        if torch.cuda.is_available():
+            torch.cuda.manual_seed_all(plan.seed)
+
+    def run() -> None:
+        try:
+            with torch.inference_mode():
+                model.generate(
+                    **inputs,
+                    **plan.generate_kwargs,
+                    streamer=streamer,
+                    stopping_criteria=StoppingCriteriaList([cancelled]),
+                )
+        except BaseException as exc:  # handed to the consumer thread
+            streamer.queue.put(exc)
+            streamer.queue.put(None)
+
+    thread = threading.Thread(target=run, name="ovis2-generate", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = streamer.queue.get()
+            if item is None:
+                break
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        cancelled.event.set()
+        thread.join()
+
+
+@dataclass
+class TextEvent:
+    text: str
+    finish_reason: Optional[str]
+    completion_tokens: int
+
+
+def stream_text(
+    tokens: Iterator[int], tokenizer, plan: SamplingPlan, eos_token_ids: Sequence[int]
+) -> Iterator[TextEvent]:
+    """Decode token ids into text deltas, honouring stop strings and eos.
+
+    Text that might be the start of a stop string is held back until it is known not
+    to be one, so a stop string never reaches the client.
+    """
+    eos = set(eos_token_ids) | set(plan.generate_kwargs["eos_token_id"])
+    generated: List[int] = []
+    emitted = ""
+    finish_reason = "length"
+    cut_at_stop_string = False
+    try:
+        for token in tokens:
+            if token in eos:
+                finish_reason = "stop"
+                break
+            generated.append(token)
+            text = tokenizer.decode(generated, skip_special_tokens=True)
+            if text.endswith("\ufffd"):
+                continue  # an incomplete UTF-8 sequence: wait for the next token
+            cut = min((text.find(s) for s in plan.stop if s in text), default=-1)
+            if cut >= 0:
+                finish_reason = "stop"
+                cut_at_stop_string = True
+                if cut > len(emitted):
+                    yield TextEvent(text[len(emitted):cut], None, len(generated))
+                break
+            held = max(
+                (n for s in plan.stop for n in range(1, len(s)) if text.endswith(s[:n])),
+                default=0,
+            )
+            ready = text[: len(text) - held]
+            if len(ready) > len(emitted):
+                yield TextEvent(ready[len(emitted):], None, len(generated))
+                emitted = ready
+    finally:
+        close = getattr(tokens, "close", None)
+        if close is not None:
+            close()
+    count = len(generated) + (1 if finish_reason == "stop" and not cut_at_stop_string else 0)
+    if not cut_at_stop_string:
+        text = tokenizer.decode(generated, skip_special_tokens=True)
+        if len(text) > len(emitted):
+            yield TextEvent(text[len(emitted):], None, count)
+    yield TextEvent("", finish_reason, count)
