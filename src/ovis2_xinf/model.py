@@ -130,16 +130,21 @@ class Ovis2NativeChatModel(PytorchChatModel):
     # --- requests --------------------------------------------------------------------
 
     def _option(self, config: Dict[str, Any], key: str) -> Any:
-        extra = config.get("chat_template_kwargs")
-        if isinstance(extra, str):
-            try:
-                extra = json.loads(extra)
-            except json.JSONDecodeError:
-                extra = None
-        value = config.get(key)
-        if value is None and isinstance(extra, dict):
-            value = extra.get(key)
-        return value if value is not None else self._pytorch_model_config.get(key)
+        """A per-request option, else the launch option.
+
+        Xinference passes unknown top-level fields on to no model, so per-request
+        options travel in ``mm_processor_kwargs`` (or ``chat_template_kwargs``).
+        """
+        for container in ("mm_processor_kwargs", "chat_template_kwargs"):
+            extra = config.get(container)
+            if isinstance(extra, str):
+                try:
+                    extra = json.loads(extra)
+                except json.JSONDecodeError:
+                    raise Ovis2RequestError(f"{container}: not a JSON object") from None
+            if isinstance(extra, dict) and extra.get(key) is not None:
+                return extra[key]
+        return self._pytorch_model_config.get(key)
 
     def _prepare(self, messages: List[Dict], config: Dict[str, Any]) -> _Prepared:
         max_partition = self._option(config, "max_partition")
@@ -189,6 +194,7 @@ class Ovis2NativeChatModel(PytorchChatModel):
         self, messages: List[Dict], generate_config: Optional[Dict[str, Any]] = None
     ) -> Union[Dict[str, Any], Iterator[Dict[str, Any]]]:
         config = dict(generate_config or {})
+        logger.debug("chat request options: %s", sorted(config))
         if config.get("tools"):
             raise Ovis2RequestError("tools: Ovis2 does not support tool calls")
         prepared = self._prepare(messages, config)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from importlib import metadata
 from types import ModuleType
@@ -34,6 +35,8 @@ LLM_MODULE = "xinference.model.llm"
 #: Xinference releases whose internals this module was checked against.
 SUPPORTED_RANGE: Tuple[Tuple[int, int], Tuple[int, int]] = ((4, 1), (5, 0))
 _WRAPPED_MARK = "__ovis2_xinf_wrapped__"
+# xoscar prefixes errors raised in actors with "[address=..., pid=...] ".
+_ACTOR_PREFIX = re.compile(r"^\[address=[^\]]*\]\s*")
 
 
 def is_disabled() -> bool:
@@ -156,6 +159,35 @@ def on_llm_module_loaded(llm: ModuleType) -> bool:
     return True
 
 
+def on_restful_api_loaded(api: ModuleType) -> bool:
+    """Let our client errors through Xinference's error sanitizer with their message.
+
+    Xinference answers most model-side exceptions with a generic HTTP 500 so worker
+    internals never leak. :class:`~ovis2_xinf.errors.Ovis2RequestError` messages are
+    written for clients (they name the field, URL or limit), so they become HTTP 400
+    with the message kept, streaming or not.
+    """
+    if is_disabled() or not is_supported_version(xinference_version()):
+        return False
+    from fastapi import HTTPException
+
+    from .errors import Ovis2RequestError
+
+    cls = api.RESTfulAPI
+    original = cls.handle_request_limit_error
+    if getattr(original, _WRAPPED_MARK, False):
+        return True
+
+    def handle_request_limit_error(e: Exception, *, sanitize: bool = False):
+        if isinstance(e, Ovis2RequestError):
+            raise HTTPException(status_code=e.status_code, detail=_ACTOR_PREFIX.sub("", str(e)))
+        return original(e, sanitize=sanitize)
+
+    setattr(handle_request_limit_error, _WRAPPED_MARK, True)
+    cls.handle_request_limit_error = staticmethod(handle_request_limit_error)
+    return True
+
+
 def activate() -> bool:
     """Register in this process, whatever has been imported already.
 
@@ -164,7 +196,10 @@ def activate() -> bool:
     """
     import importlib
 
-    return on_llm_module_loaded(importlib.import_module(LLM_MODULE))
+    armed = on_llm_module_loaded(importlib.import_module(LLM_MODULE))
+    if "xinference.api.restful_api" in sys.modules:
+        on_restful_api_loaded(sys.modules["xinference.api.restful_api"])
+    return armed
 
 
 def status() -> Dict[str, Any]:
@@ -181,7 +216,7 @@ def status() -> Dict[str, Any]:
         "supported": is_supported_version(xinference_version()),
         "disabled": is_disabled(),
         "import_hook_installed": any(
-            type(f).__name__ == "_XinferenceLLMFinder" for f in sys.meta_path
+            type(f).__name__ == "_XinferenceFinder" for f in sys.meta_path
         ) or getattr(llm._install, _WRAPPED_MARK, False),
         "install_wrapped": bool(getattr(llm._install, _WRAPPED_MARK, False)),
         "class_first": bool(transformers_classes) and transformers_classes[0] is cls,
