@@ -35,6 +35,8 @@ LLM_MODULE = "xinference.model.llm"
 #: Xinference releases whose internals this module was checked against.
 SUPPORTED_RANGE: Tuple[Tuple[int, int], Tuple[int, int]] = ((4, 1), (5, 0))
 _WRAPPED_MARK = "__ovis2_xinf_wrapped__"
+#: The family object last published into Xinference's tables in this process.
+_published: Dict[str, Any] = {}
 # xoscar prefixes errors raised in actors with "[address=..., pid=...] ".
 _ACTOR_PREFIX = re.compile(r"^\[address=[^\]]*\]\s*")
 
@@ -100,6 +102,7 @@ def _publish_family(llm: ModuleType) -> None:
     engines: Dict[str, Dict[str, List[Dict[str, Any]]]] = {}
     llm.generate_engine_config_by_model_family(family, engines)
     llm.LLM_ENGINES[family.model_name] = engines.get(family.model_name, {})
+    _published["family"] = family
     LLM_VERSION_INFOS.pop(family.model_name, None)
     LLM_VERSION_INFOS.update(generate_llm_version_info(family))
 
@@ -221,7 +224,7 @@ def status() -> Dict[str, Any]:
         "install_wrapped": bool(getattr(llm._install, _WRAPPED_MARK, False)),
         "class_first": bool(transformers_classes) and transformers_classes[0] is cls,
         "family_specs": len(family.model_specs) if family else 0,
-        "family_is_ours": bool(family) and family.virtualenv is None and family.chat_template is None,
+        "family_is_ours": family is not None and family is _published.get("family"),
         "engine_classes": sorted({p["llm_class"].__name__ for p in engine_params}),
         "engine_choices": len(engine_params),
     }

@@ -1,0 +1,197 @@
+"""``ovis2-xinf`` command line: ``specs``, ``doctor`` and ``demo``."""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import logging
+import platform
+import subprocess
+import sys
+import time
+from importlib import metadata
+from importlib import resources
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+from . import __version__
+
+# Printed from a fresh interpreter by ``doctor``: what the import hook did there.
+_STATUS_PROBE = "import json, xinference.model.llm; from ovis2_xinf.registration import status; print(json.dumps(status()))"
+
+
+def bundled_checkpoint() -> Path:
+    """The tiny original-format checkpoint shipped for the offline demo."""
+    return Path(str(resources.files("ovis2_xinf").joinpath("assets", "tiny-ovis2")))
+
+
+def _table(rows: List[List[str]], header: List[str]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths]), *(line(r) for r in rows)])
+
+
+def cmd_specs(args: argparse.Namespace) -> int:
+    from .catalog import HUBS, load_catalog, resolve
+
+    catalog = load_catalog()
+    rows = []
+    for spec, quantization in catalog.variants():
+        ids = [resolve(spec.model_size_in_billions, spec.model_format, quantization, hub).model_id for hub in HUBS]
+        rows.append([f"{spec.model_size_in_billions}B", spec.model_format, quantization, *ids])
+    if args.json:
+        keys = ["size", "format", "quantization", *HUBS]
+        print(json.dumps([dict(zip(keys, r)) for r in rows], indent=2))
+    else:
+        print(_table(rows, ["size", "format", "quantization", *HUBS]))
+        print(f"\n{len(catalog.specs)} specs, {len(rows)} size/format/quantization choices")
+    return 0
+
+
+def _version(name: str) -> str:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _devices() -> Dict[str, object]:
+    import torch
+
+    info: Dict[str, object] = {"cpu": platform.processor() or platform.machine()}
+    info["cuda"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    mps = getattr(torch.backends, "mps", None)
+    info["mps"] = bool(mps and mps.is_available())
+    return info
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from .quantization import GPTQ_INSTALL_HINT, gptq_backend_available
+    from .registration import DISABLE_ENV, SUPPORTED_RANGE, is_supported_version, xinference_version
+
+    report: Dict[str, object] = {
+        "ovis2-xinf": __version__,
+        "python": platform.python_version(),
+        "xinference": _version("xinference"),
+        "transformers": _version("transformers"),
+        "torch": _version("torch"),
+        "xinference_supported": is_supported_version(xinference_version()),
+        "supported_range": ">={}.{},<{}.{}".format(*SUPPORTED_RANGE[0], *SUPPORTED_RANGE[1]),
+        "gptq_backend": (
+            f"gptqmodel {_version('gptqmodel')}" if gptq_backend_available() else f"missing ({GPTQ_INSTALL_HINT})"
+        ),
+        "devices": _devices(),
+    }
+    probe = subprocess.run(
+        [sys.executable, "-c", _STATUS_PROBE], capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=300
+    )
+    try:
+        report["registration"] = json.loads(probe.stdout.strip().splitlines()[-1])
+    except (IndexError, json.JSONDecodeError):
+        report["registration"] = {"error": (probe.stderr or probe.stdout)[-2000:]}
+    registration = report["registration"]
+    active = isinstance(registration, dict) and registration.get("class_first") and registration.get("family_is_ours")
+    report["registration_active"] = bool(active)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        for key, value in report.items():
+            print(f"{key:22} {value}")
+        if not active:
+            print(f"\nThe registration is not active; is {DISABLE_ENV} set, or Xinference unsupported?")
+    return 0 if active else 1
+
+
+def _demo_image_url() -> str:
+    """A generated test picture, so the demo needs no file and no network."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (320, 200), (30, 90, 160))
+    draw = ImageDraw.Draw(image)
+    draw.ellipse((40, 40, 160, 160), fill=(240, 200, 40))
+    draw.rectangle((190, 60, 290, 170), fill=(200, 40, 60))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from openai import OpenAI
+
+    from .local_server import local_server
+
+    checkpoint = Path(args.model_path) if args.model_path else bundled_checkpoint()
+    started = time.monotonic()
+    print(f"Starting xinference-local on 127.0.0.1 (checkpoint: {checkpoint}) ...", flush=True)
+    with local_server() as server:
+        print(f"Server ready at {server.endpoint} after {time.monotonic() - started:.1f}s", flush=True)
+        uid = server.launch(
+            "--model-engine", "transformers", "--model-name", "Ovis2", "--size-in-billions", str(args.size),
+            "--model-format", "pytorch", "--model-path", str(checkpoint),
+        )
+        print(f"Launched Ovis2 as model uid {uid!r}; streaming an image + text chat:", flush=True)
+        client = OpenAI(base_url=f"{server.endpoint}/v1", api_key="not-needed")
+        stream = client.chat.completions.create(
+            model=uid,
+            messages=[
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": _demo_image_url()}},
+                        {"type": "text", "text": args.prompt},
+                    ],
+                }
+            ],
+            max_tokens=args.max_tokens,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        usage = None
+        sys.stdout.write("> ")
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                sys.stdout.write(chunk.choices[0].delta.content)
+                sys.stdout.flush()
+            usage = chunk.usage or usage
+        print()
+        if usage is not None:
+            print(f"usage: prompt {usage.prompt_tokens} tokens (image included), completion {usage.completion_tokens}")
+        if checkpoint == bundled_checkpoint():
+            print("(The bundled checkpoint has random weights: the text is meaningless, the serving path is real.)")
+    print(f"Server stopped. Total {time.monotonic() - started:.1f}s")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ovis2-xinf", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"ovis2-xinf {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    specs = sub.add_parser("specs", help="the Ovis2 specs and their repo ids per hub")
+    specs.add_argument("--json", action="store_true")
+    specs.set_defaults(func=cmd_specs)
+
+    doctor = sub.add_parser("doctor", help="versions, registration status, GPTQ backend, devices")
+    doctor.add_argument("--json", action="store_true")
+    doctor.set_defaults(func=cmd_doctor)
+
+    demo = sub.add_parser("demo", help="offline end-to-end chat on a throwaway local server")
+    demo.add_argument("--model-path", help="an original-format Ovis2 checkpoint (default: the bundled tiny one)")
+    demo.add_argument("--size", type=int, default=2, help="size in billions to launch as (default 2)")
+    demo.add_argument("--prompt", default="Describe the image.")
+    demo.add_argument("--max-tokens", type=int, default=24)
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
