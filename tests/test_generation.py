@@ -1,0 +1,117 @@
+"""Sampling settings and the text stream built from generated tokens."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import TINY
+from ovis2_xinf.errors import Ovis2LimitError, Ovis2RequestError
+from ovis2_xinf.generation import plan_sampling, stream_text, stream_tokens
+from ovis2_xinf.loader import load_tokenizer
+
+CHECKPOINT_DEFAULTS = {"do_sample": True, "temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.05}
+EOS = [527, 525]
+
+
+def plan(config, prompt_tokens=10, context=100):
+    return plan_sampling(config, CHECKPOINT_DEFAULTS, EOS, 525, prompt_tokens, context)
+
+
+def test_checkpoint_defaults_apply_when_the_request_is_silent():
+    kwargs = plan({}).generate_kwargs
+    assert kwargs["do_sample"] and kwargs["temperature"] == 0.7 and kwargs["top_p"] == 0.8 and kwargs["top_k"] == 20
+    assert kwargs["repetition_penalty"] == 1.05 and kwargs["eos_token_id"] == EOS and kwargs["max_new_tokens"] == 90
+
+
+def test_request_settings_win_and_temperature_zero_is_greedy():
+    kwargs = plan({"temperature": 0.3, "top_p": 0.5, "top_k": 5, "repetition_penalty": 1.0, "max_tokens": 7}).generate_kwargs
+    assert (kwargs["temperature"], kwargs["top_p"], kwargs["top_k"], kwargs["max_new_tokens"]) == (0.3, 0.5, 5, 7)
+    greedy = plan({"temperature": 0}).generate_kwargs
+    assert greedy["do_sample"] is False and "temperature" not in greedy
+
+
+def test_stop_token_ids_join_eos_and_seed_is_kept():
+    result = plan({"stop_token_ids": [13], "seed": 42, "stop": "END"})
+    assert result.generate_kwargs["eos_token_id"] == [527, 525, 13]
+    assert result.seed == 42 and result.stop == ["END"]
+
+
+def test_context_length_is_enforced_not_truncated():
+    with pytest.raises(Ovis2LimitError, match="120 tokens .* reach the context length of 100"):
+        plan({}, prompt_tokens=120)
+    assert plan({"max_tokens": 500}, prompt_tokens=95).max_new_tokens == 5
+
+
+@pytest.mark.parametrize(
+    "config,needle",
+    [({"temperature": "hot"}, "temperature: must be a number"), ({"top_p": 2}, "top_p: 2 is outside"),
+     ({"stop": [1]}, "stop: must be a string or a list of strings"),
+     ({"stop_token_ids": ["a"]}, "stop_token_ids: must be a list of integers"),
+     ({"max_tokens": 0}, "max_tokens: 0 is outside")],
+)
+def test_bad_settings_are_named(config, needle):
+    with pytest.raises(Ovis2RequestError, match=needle):
+        plan(config)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer(TINY)
+
+
+def _run(tokenizer, text_or_ids, config, eos_at_end=False):
+    ids = tokenizer(text_or_ids, add_special_tokens=False).input_ids if isinstance(text_or_ids, str) else text_or_ids
+    if eos_at_end:
+        ids = ids + [527]
+    events = list(stream_text(iter(ids), tokenizer, plan(config), EOS))
+    return "".join(e.text for e in events), events[-1].finish_reason, events[-1].completion_tokens
+
+
+def test_stream_text_finishes_on_eos_and_counts_it(tokenizer):
+    text, reason, count = _run(tokenizer, "hello world", {}, eos_at_end=True)
+    assert text == "hello world" and reason == "stop"
+    assert count == len(tokenizer("hello world", add_special_tokens=False).input_ids) + 1
+
+
+def test_stream_text_length_when_no_eos(tokenizer):
+    assert _run(tokenizer, "hello world", {})[1] == "length"
+
+
+def test_stop_string_is_cut_and_never_sent(tokenizer):
+    ids = tokenizer("one two STOP three", add_special_tokens=False).input_ids
+    events = list(stream_text(iter(ids), tokenizer, plan({"stop": ["STOP"]}), EOS))
+    assert "".join(e.text for e in events) == "one two "
+    assert all("S" not in e.text for e in events)
+    assert events[-1].finish_reason == "stop"
+
+
+def test_held_back_prefix_is_flushed_when_it_is_not_a_stop(tokenizer):
+    text, reason, _ = _run(tokenizer, "one ST", {"stop": ["STOP"]}, eos_at_end=True)
+    assert text == "one ST" and reason == "stop"
+
+
+def test_closing_the_token_stream_stops_generation(tiny_model, monkeypatch):
+    ids = torch.tensor([[526, 384, 198, 462, 527, 198, 526, 439, 198]])
+    p = plan_sampling({"temperature": 0, "max_tokens": 3000}, {}, [], 525, ids.shape[1], 4096)
+    generated = []
+    original = tiny_model.model.generate
+
+    def recording_generate(**kwargs):
+        out = original(**kwargs)
+        generated.append(out.shape[1] - ids.shape[1])
+        return out
+
+    monkeypatch.setattr(tiny_model.model, "generate", recording_generate)
+    tokens = stream_tokens(tiny_model.model, {"input_ids": ids}, p)
+    first = [next(tokens) for _ in range(3)]
+    tokens.close()  # a client went away: generation must stop, not run to 3000 tokens
+    assert len(first) == 3
+    assert generated and generated[0] < 100
+
+
+def test_same_seed_same_tokens(tiny_model):
+    ids = torch.tensor([[526, 384, 198, 462, 527, 198, 526, 439, 198]])
+    p = plan_sampling({"seed": 7, "max_tokens": 12}, CHECKPOINT_DEFAULTS, [], 525, ids.shape[1], 4096)
+    runs = [list(stream_tokens(tiny_model.model, {"input_ids": ids}, p)) for _ in range(2)]
+    assert runs[0] == runs[1] and len(runs[0]) == 12
