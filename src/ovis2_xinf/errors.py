@@ -20,4 +20,4 @@ class Ovis2RequestError(ValueError):
 class Ovis2LimitError(Ovis2RequestError):
     """A configured limit (size, pixels, images, frames, context) was exceeded."""
 
-    status_code = 413
+    status_code = 400

@@ -74,8 +74,8 @@ def read_media(url: str, where: str) -> bytes:
         return load_media_bytes(url)
     except ValueError as exc:
         raise Ovis2RequestError(f"{where}: {describe_url(url)}: {exc}") from None
-    except OSError as exc:
-        reason = getattr(exc, "reason", None) or exc.strerror or exc
+    except Exception as exc:  # socket, urllib3 and TLS errors all mean "could not fetch"
+        reason = str(exc).removeprefix("None: ") or type(exc).__name__
         raise Ovis2RequestError(f"{where}: cannot fetch {describe_url(url)}: {reason}") from None
 
 
