@@ -153,3 +153,15 @@ def test_version_range():
     assert is_supported_version("4.1.0") and is_supported_version("4.9.2")
     assert not is_supported_version("4.0.1") and not is_supported_version("5.0.0")
     assert not is_supported_version(None)
+
+
+def test_importing_our_model_module_first_registers_too():
+    """What a model subprocess does: our module is the one that imports Xinference."""
+    code = ("import json, ovis2_xinf.model, xinference.model.llm as llm; from ovis2_xinf.registration import status; "
+            "print('PROBE' + json.dumps([status(), llm.SUPPORTED_ENGINES['Transformers'][0].__name__]))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Failed to run LLM engine registration hook" not in done.stderr
+    state, first = json.loads(next(l for l in done.stdout.splitlines() if l.startswith("PROBE"))[5:])
+    assert first == "Ovis2NativeChatModel" and state["class_first"] and state["family_is_ours"]
+    assert state["engine_classes"] == ["Ovis2NativeChatModel"]

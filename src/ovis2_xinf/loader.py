@@ -181,6 +181,8 @@ def load_model(
     linears before the weights stream in.
     """
     device = torch.device(device)
+    if quantization_loader is not None:
+        dtype = quantization_loader.compute_dtype(dtype)
     checkpoint = OriginalCheckpoint.open(path)
     tokenizer = load_tokenizer(checkpoint.path)
     attention = attn_implementation or choose_attention(checkpoint.requested_attention, device)

@@ -88,7 +88,9 @@ class Ovis2NativeChatModel(PytorchChatModel):
         attention = config.get("attn_implementation")
         if config.get("enable_flash_attn"):
             attention = "flash_attention_2"
-        quantizer = quantization_loader_for(self.model_spec.model_format, self.model_path, device)
+        quantizer = quantization_loader_for(
+            self.model_spec.model_format, self.model_path, device, config.get("gptq_mode", "kernel")
+        )
         loaded = load_model(
             self.model_path,
             dtype=dtype,
@@ -98,6 +100,7 @@ class Ovis2NativeChatModel(PytorchChatModel):
             quantization_loader=quantizer,
         )
         self._loaded = loaded
+        dtype = loaded.dtype
         self._model = loaded.model
         self._tokenizer = loaded.tokenizer
         self._device = device
@@ -257,3 +260,10 @@ class Ovis2NativeChatModel(PytorchChatModel):
                 yield chunk({}, None, usage=self._usage(prepared, completion_tokens), choices=False)
         finally:
             events.close()
+
+
+# Where this module is what imported Xinference (a model subprocess), the engine hook
+# ran before the class existed: finish the registration now.
+from .registration import model_class_ready  # noqa: E402
+
+model_class_ready(Ovis2NativeChatModel)

@@ -21,15 +21,16 @@ def gptq_backend_available() -> bool:
     return importlib.util.find_spec("gptqmodel") is not None
 
 
-def quantization_loader_for(model_format: str, path: Any, device: str) -> Optional[Any]:
+def quantization_loader_for(model_format: str, path: Any, device: str, gptq_mode: str = "kernel") -> Optional[Any]:
+    """The loader a format needs; ``gptq_mode="dequantize"`` loads GPTQ as float weights."""
     if model_format == "pytorch":
         return None
     if model_format == "gptq":
-        if not gptq_backend_available():
+        if gptq_mode == "kernel" and not gptq_backend_available():
             raise MissingQuantizationBackend(
                 f"Ovis2 GPTQ checkpoints need GPTQModel, which is not installed: run {GPTQ_INSTALL_HINT}"
             )
         from .gptq import GPTQLoader
 
-        return GPTQLoader.for_checkpoint(path, device)
+        return GPTQLoader.for_checkpoint(path, device, gptq_mode)
     raise ValueError(f"model_format {model_format!r} is not served by ovis2-xinf (pytorch, gptq)")

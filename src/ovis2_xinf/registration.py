@@ -75,11 +75,41 @@ def model_class() -> type:
     return Ovis2NativeChatModel
 
 
+def _model_class_if_defined() -> Optional[type]:
+    """Our class, unless ``ovis2_xinf.model`` is the import that is bootstrapping Xinference.
+
+    A model subprocess imports ``ovis2_xinf.model`` first; its import of Xinference then
+    runs the engine hook while our module is only half executed. The module finishes the
+    registration itself (:func:`model_class_ready`) once the class exists.
+    """
+    module = sys.modules.get(f"{__package__}.model")
+    if module is not None and not hasattr(module, "Ovis2NativeChatModel"):
+        return None
+    return model_class()
+
+
+def _put_first(classes: List[type], cls: type) -> List[type]:
+    return [cls] + [c for c in classes if c is not cls]
+
+
 def _engine_hook(table: Dict[str, List[type]]) -> None:
     """Engine-registration hook: our class first for the Transformers engine."""
-    cls = model_class()
-    classes = table.get(ENGINE, [])
-    table[ENGINE] = [cls] + [c for c in classes if c is not cls]
+    cls = _model_class_if_defined()
+    if cls is not None:
+        table[ENGINE] = _put_first(table.get(ENGINE, []), cls)
+
+
+def model_class_ready(cls: type) -> None:
+    """Called when ``ovis2_xinf.model`` has defined the class; completes a deferred registration."""
+    llm = sys.modules.get(LLM_MODULE)
+    if llm is None or not getattr(getattr(llm, "_install", None), _WRAPPED_MARK, False) or not _bootstrapped():
+        return
+    classes = llm.TRANSFORMERS_CLASSES
+    if classes and classes[0] is cls:
+        return
+    classes[:] = _put_first(classes, cls)
+    llm.SUPPORTED_ENGINES[ENGINE] = classes
+    _publish_family(llm)
 
 
 def _publish_family(llm: ModuleType) -> None:
@@ -152,10 +182,7 @@ def on_llm_module_loaded(llm: ModuleType) -> bool:
 
     _wrap_install(llm)
     if _bootstrapped():
-        _engine_hook(llm.SUPPORTED_ENGINES)
-        llm.TRANSFORMERS_CLASSES[:] = llm.SUPPORTED_ENGINES[ENGINE]
-        llm.SUPPORTED_ENGINES[ENGINE] = llm.TRANSFORMERS_CLASSES
-        _publish_family(llm)
+        model_class_ready(model_class())
     else:
         register_engine_registration_hook(MODEL_TYPE_LLM, _engine_hook)
     logger.debug("ovis2-xinf: registration armed for Xinference %s", version)
