@@ -115,3 +115,8 @@ def test_same_seed_same_tokens(tiny_model):
     p = plan_sampling({"seed": 7, "max_tokens": 12}, CHECKPOINT_DEFAULTS, [], 525, ids.shape[1], 4096)
     runs = [list(stream_tokens(tiny_model.model, {"input_ids": ids}, p)) for _ in range(2)]
     assert runs[0] == runs[1] and len(runs[0]) == 12
+
+
+def test_ignore_eos_generates_exactly_max_tokens():
+    assert plan({"ignore_eos": True, "max_tokens": 9}).generate_kwargs["min_new_tokens"] == 9
+    assert "min_new_tokens" not in plan({"max_tokens": 9}).generate_kwargs

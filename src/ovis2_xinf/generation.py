@@ -90,6 +90,8 @@ def plan_sampling(
 
     max_new_tokens = min(max_tokens, context_length - prompt_tokens)
     kwargs.update(max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad_token_id, use_cache=True)
+    if config.get("ignore_eos"):
+        kwargs["min_new_tokens"] = max_new_tokens
     return SamplingPlan(kwargs, seed, stop, max_new_tokens)
 
 

@@ -1,0 +1,137 @@
+"""Serving through a real ``xinference-local`` against the loaded model called directly.
+
+Every ratio compares two measurements taken in the same run on the same machine.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Dict, List
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ovis2_xinf.checkpoint import tokens_per_crop
+from ovis2_xinf.generation import plan_sampling, stream_tokens
+from ovis2_xinf.loader import load_model
+from ovis2_xinf.local_server import local_server
+from ovis2_xinf.media import MediaLimits
+from ovis2_xinf.messages import build_conversation
+from ovis2_xinf.preprocessing import Ovis2ImagePreprocessor
+from ovis2_xinf.prompt import encode
+
+
+def image_url(seed: int, size=(640, 480)) -> str:
+    rng = np.random.default_rng(seed)
+    buffer = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def messages(seed: int) -> List[Dict[str, Any]]:
+    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_url(seed)}},
+                                         {"type": "text", "text": f"Describe picture number {seed}."}]}]
+
+
+def direct(path: Path, max_tokens: int, runs: int = 3) -> Dict[str, float]:
+    """Prefill time and decode rate of ``generate`` on the loaded model, same prompt as served."""
+    loaded = load_model(path, torch.float32, "cpu")
+    pre = Ovis2ImagePreprocessor(loaded.checkpoint.preprocessor)
+    conversation = build_conversation(messages(0), MediaLimits())
+    images = [pre(im, conversation.max_partition) for im in conversation.images]
+    encoded = encode(loaded.tokenizer, conversation.turns, images, loaded.placeholders, tokens_per_crop(loaded.model.config))
+    plan = plan_sampling({"temperature": 0, "max_tokens": max_tokens, "ignore_eos": True}, {}, [], 0,
+                         encoded.input_ids.shape[1], 32768)
+    inputs = {"input_ids": encoded.input_ids, "pixel_values": encoded.pixel_values}
+    ttfts, rates = [], []
+    for _ in range(runs):
+        start = time.perf_counter()
+        first = last = None
+        count = 0
+        for _token in stream_tokens(loaded.model, inputs, plan):
+            now = time.perf_counter()
+            first = first or now
+            last = now
+            count += 1
+        ttfts.append(first - start)
+        rates.append((count - 1) / (last - first))
+    return {"ttft_s": float(np.median(ttfts)), "decode_tok_s": float(np.median(rates)),
+            "prompt_tokens": int(encoded.input_ids.shape[1])}
+
+
+def _stream_once(client, uid: str, msgs, max_tokens: int) -> Dict[str, Any]:
+    start = time.perf_counter()
+    first = last = None
+    text = ""
+    usage = None
+    stream = client.chat.completions.create(
+        model=uid, messages=msgs, max_tokens=max_tokens, temperature=0, stream=True,
+        stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            now = time.perf_counter()
+            first = first or now
+            last = now
+            text += chunk.choices[0].delta.content
+        usage = chunk.usage or usage
+    return {"start": start, "first": first, "last": last, "text": text, "tokens": usage.completion_tokens,
+            "prompt_tokens": usage.prompt_tokens}
+
+
+def served(path: Path, max_tokens: int, runs: int = 3, concurrency=(1, 2, 4, 8), conc_tokens: int = 16) -> Dict[str, Any]:
+    from openai import OpenAI
+
+    result: Dict[str, Any] = {}
+    with local_server() as server:
+        start = time.perf_counter()
+        uid = server.launch("--model-engine", "transformers", "--model-name", "Ovis2", "--size-in-billions", "1",
+                            "--model-format", "pytorch", "--model-path", str(path), "--torch_dtype", "float32")
+        result["launch_to_ready_s"] = time.perf_counter() - start
+        client = OpenAI(base_url=f"{server.endpoint}/v1", api_key="none", max_retries=0, timeout=3600)
+        _stream_once(client, uid, messages(0), 2)  # warm-up
+        samples = [_stream_once(client, uid, messages(0), max_tokens) for _ in range(runs)]
+        result["ttft_s"] = float(np.median([s["first"] - s["start"] for s in samples]))
+        result["decode_tok_s"] = float(np.median([(s["tokens"] - 1) / (s["last"] - s["first"]) for s in samples]))
+        result["prompt_tokens"] = samples[0]["prompt_tokens"]
+
+        sequential = {seed: _stream_once(client, uid, messages(seed), conc_tokens)["text"] for seed in range(max(concurrency))}
+        rows = []
+        for level in concurrency:
+            start = time.perf_counter()
+            with ThreadPoolExecutor(level) as pool:
+                outs = list(pool.map(lambda seed: _stream_once(client, uid, messages(seed), conc_tokens), range(level)))
+            wall = time.perf_counter() - start
+            rows.append({
+                "concurrency": level, "wall_s": wall, "aggregate_tok_s": sum(o["tokens"] for o in outs) / wall,
+                "all_equal_sequential": all(o["text"] == sequential[i] for i, o in enumerate(outs)),
+            })
+        result["concurrency"] = rows
+    return result
+
+
+LOAD_PLAIN = r'''
+import sys, time, torch
+from transformers import Ovis2ForConditionalGeneration
+start = time.perf_counter()
+Ovis2ForConditionalGeneration.from_pretrained(sys.argv[1], dtype=torch.float32)
+print("SECONDS", time.perf_counter() - start)
+'''
+
+
+def plain_from_pretrained(path: Path, native_dir: Path) -> float:
+    """Save the converted model in native format once, then time a plain from_pretrained."""
+    if not (native_dir / "config.json").exists():
+        loaded = load_model(path, torch.float32, "cpu")
+        loaded.model.save_pretrained(native_dir)
+        del loaded
+    done = subprocess.run([sys.executable, "-c", LOAD_PLAIN, str(native_dir)], capture_output=True, text=True, timeout=3600)
+    if done.returncode != 0:
+        raise RuntimeError(done.stderr[-3000:])
+    return float(next(l for l in done.stdout.splitlines() if l.startswith("SECONDS")).split()[1])

@@ -1,0 +1,31 @@
+"""The benchmarks still run (smoke mode on the tiny fixture); no timing is judged here."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[1]
+
+
+@pytest.mark.integration
+def test_benchmarks_smoke(tmp_path):
+    out = tmp_path / "bench.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--smoke", "--out", str(out), "--workdir", str(tmp_path / "work")],
+        cwd=ROOT, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=900,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    sections = result["sections"]
+    assert [r["crops"] for r in sections["preprocess"]["rows"]] == [1, 5, 5]
+    memory = sections["memory"]
+    assert memory["gptq"]["llm_decoder_bytes"] < memory["pytorch"]["llm_decoder_bytes"]
+    serving = sections["serving"]
+    assert [r["concurrency"] for r in serving["concurrency"]] == [1, 2]
+    assert all(r["all_equal_sequential"] for r in serving["concurrency"])
+    assert serving["served"]["prompt_tokens"] == serving["direct"]["prompt_tokens"]
