@@ -143,3 +143,80 @@ def test_parse_accepts_string_image_url_and_null_assistant_content():
     parsed = parse_messages([{"role": "assistant", "content": None},
                              {"role": "user", "content": [{"type": "image_url", "image_url": "https://a.b/c.png"}]}])
     assert parsed[1].parts[0].url == "https://a.b/c.png"
+
+
+# --- fetch policy: Xinference's fetcher, our limits on top ---------------------------------
+
+import http.server
+import threading
+
+from conftest import CASES_DIR
+
+
+@pytest.fixture
+def web(monkeypatch):
+    """Loopback HTTP server with an image, a redirect loop and a large file."""
+    monkeypatch.setenv("XINFERENCE_MEDIA_BLOCK_PRIVATE_ADDRESS", "false")
+    image = (CASES_DIR / "images" / "wide.png").read_bytes()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.path.startswith("/loop"):
+                self.send_response(302)
+                self.send_header("Location", f"/loop{len(self.path)}")
+                self.end_headers()
+                return
+            body = image if self.path == "/wide.png" else b"x" * 5000
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_http_fetch_and_its_limits(web, monkeypatch):
+    conv = build_conversation([{"role": "user", "content": [image(f"{web}/wide.png")]}], LIMITS)
+    assert conv.images[0].size == (200, 100)
+    with pytest.raises(Ovis2LimitError, match="Too many redirects.*at most 5 redirects"):
+        build_conversation([{"role": "user", "content": [image(f"{web}/loop")]}], LIMITS)
+    monkeypatch.setenv("XINFERENCE_MEDIA_MAX_BYTES", "1000")
+    with pytest.raises(Ovis2LimitError, match="Media exceeds 1000 bytes.*setting: XINFERENCE_MEDIA_MAX_BYTES"):
+        build_conversation([{"role": "user", "content": [image(f"{web}/big.bin")]}], LIMITS)
+    noise = io.BytesIO()
+    Image.effect_noise((300, 300), 64).save(noise, format="PNG")
+    noisy_url = "data:image/png;base64," + base64.b64encode(noise.getvalue()).decode()
+    with pytest.raises(Ovis2LimitError, match="over XINFERENCE_MEDIA_MAX_BYTES=1000"):
+        build_conversation([{"role": "user", "content": [image(noisy_url)]}], LIMITS)
+
+
+def test_private_addresses_refused_by_default(web, monkeypatch):
+    monkeypatch.delenv("XINFERENCE_MEDIA_BLOCK_PRIVATE_ADDRESS")
+    with pytest.raises(Ovis2RequestError, match=r"messages\[0\]\.content\[0\]: http://127\.0\.0\.1"):
+        build_conversation([{"role": "user", "content": [image(f"{web}/wide.png")]}], LIMITS)
+
+
+def test_local_directory_allowance(tmp_path, monkeypatch):
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    Image.new("RGB", (9, 7)).save(allowed / "a.png")
+    Image.new("RGB", (9, 7)).save(tmp_path / "outside.png")
+    monkeypatch.delenv("XINFERENCE_MEDIA_ALLOW_LOCAL_PATH", raising=False)
+    monkeypatch.setenv("OVIS2_XINF_MEDIA_LOCAL_DIR", str(allowed))
+    assert build_conversation([{"role": "user", "content": [image(str(allowed / "a.png"))]}], LIMITS).images[0].size == (9, 7)
+    assert build_conversation([{"role": "user", "content": [image(f"file://{allowed / 'a.png'}")]}], LIMITS).images
+    for outside in (str(tmp_path / "outside.png"), str(allowed / ".." / "outside.png")):
+        with pytest.raises(Ovis2LimitError, match="setting: OVIS2_XINF_MEDIA_LOCAL_DIR"):
+            build_conversation([{"role": "user", "content": [image(outside)]}], LIMITS)
+
+
+def test_video_frames_limit_is_checked_before_fetching():
+    video = {"type": "video_url", "video_url": {"url": "https://unreachable.invalid/v.mp4"}}
+    with pytest.raises(Ovis2LimitError, match=r"2 video\(s\) x 12 frames is over the limit of 20 .*OVIS2_XINF_MAX_VIDEO_FRAMES"):
+        build_conversation([{"role": "user", "content": [video, video]}], MediaLimits(max_video_frames=20))

@@ -7,6 +7,7 @@ produce the same text. Generation runs in a background thread; closing the itera
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 from dataclasses import dataclass
@@ -15,6 +16,8 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
 import torch
 
 from .errors import Ovis2LimitError, Ovis2RequestError
+
+logger = logging.getLogger(__name__)
 
 SAMPLING_DEFAULTS = {"do_sample": False, "temperature": 1.0, "top_p": 1.0, "top_k": 50, "repetition_penalty": 1.0}
 DEFAULT_MAX_TOKENS = 1024
@@ -149,17 +152,23 @@ def stream_tokens(model, inputs: Dict[str, Any], plan: SamplingPlan) -> Iterator
 
     thread = threading.Thread(target=run, name="ovis2-generate", daemon=True)
     thread.start()
+    produced = 0
+    finished = False
     try:
         while True:
             item = streamer.queue.get()
             if item is None:
+                finished = True
                 break
             if isinstance(item, BaseException):
                 raise item
+            produced += 1
             yield item
     finally:
         cancelled.event.set()
         thread.join()
+        if not finished:
+            logger.info("generation cancelled by the consumer after %d tokens", produced)
 
 
 @dataclass

@@ -14,7 +14,9 @@ import io
 import os
 import warnings
 from dataclasses import dataclass
-from typing import List
+from pathlib import Path
+from typing import List, Optional
+from urllib.parse import unquote, urlparse
 
 from PIL import Image, UnidentifiedImageError
 
@@ -24,6 +26,15 @@ ENV_MAX_IMAGE_PIXELS = "OVIS2_XINF_MAX_IMAGE_PIXELS"
 ENV_MAX_IMAGES = "OVIS2_XINF_MAX_IMAGES"
 ENV_VIDEO_FRAMES = "OVIS2_XINF_VIDEO_FRAMES"
 ENV_MAX_VIDEO_FRAMES = "OVIS2_XINF_MAX_VIDEO_FRAMES"
+ENV_LOCAL_DIR = "OVIS2_XINF_MEDIA_LOCAL_DIR"
+# Xinference's media errors, and the setting behind each, so the client learns what to change.
+_XINFERENCE_LIMITS = (
+    ("Media exceeds", "setting: XINFERENCE_MEDIA_MAX_BYTES"),
+    ("time budget", "setting: XINFERENCE_MEDIA_FETCH_TIMEOUT"),
+    ("Local file media urls are rejected", f"setting: {ENV_LOCAL_DIR}"),
+    ("private", "setting: XINFERENCE_MEDIA_BLOCK_PRIVATE_ADDRESS"),
+    ("Too many redirects", "at most 5 redirects are followed, fixed by Xinference"),
+)
 
 
 def _env_int(name: str, default: int) -> int:
@@ -64,19 +75,54 @@ def describe_url(url: str, limit: int = 60) -> str:
     return url if len(url) <= limit else url[: limit - 3] + "..."
 
 
+def _allowed_local_file(url: str) -> Optional[Path]:
+    """A local path inside the directory ``OVIS2_XINF_MEDIA_LOCAL_DIR`` allows, if any."""
+    root = os.environ.get(ENV_LOCAL_DIR, "").strip()
+    scheme = urlparse(url).scheme.lower()
+    if not root or scheme not in ("", "file"):
+        return None
+    path = Path(unquote(urlparse(url).path) if scheme == "file" else url)
+    try:
+        resolved, base = path.resolve(strict=True), Path(root).resolve(strict=True)
+    except (OSError, RuntimeError):
+        return None
+    return resolved if resolved.is_file() and resolved.is_relative_to(base) else None
+
+
+def _max_bytes() -> int:
+    from xinference.model.llm.media import _max_bytes as xinference_max_bytes
+
+    return xinference_max_bytes()
+
+
 def read_media(url: str, where: str) -> bytes:
-    """The bytes behind a media URL, or an error naming the part and URL."""
+    """The bytes behind a media URL, or an error naming the part, URL and limit."""
     from xinference.model.llm.media import load_media_bytes
 
     if not isinstance(url, str) or not url.strip():
         raise Ovis2RequestError(f"{where}: the media url must be a non-empty string")
+    local = _allowed_local_file(url)
+    if local is not None:
+        size = local.stat().st_size
+        if size > _max_bytes():
+            raise Ovis2LimitError(f"{where}: {local} is {size} bytes, over XINFERENCE_MEDIA_MAX_BYTES={_max_bytes()}")
+        return local.read_bytes()
     try:
-        return load_media_bytes(url)
+        data = load_media_bytes(url)
     except ValueError as exc:
-        raise Ovis2RequestError(f"{where}: {describe_url(url)}: {exc}") from None
+        message = str(exc)
+        limit = next((hint for needle, hint in _XINFERENCE_LIMITS if needle in message), None)
+        if limit:
+            raise Ovis2LimitError(f"{where}: {describe_url(url)}: {message} ({limit})") from None
+        raise Ovis2RequestError(f"{where}: {describe_url(url)}: {message}") from None
     except Exception as exc:  # socket, urllib3 and TLS errors all mean "could not fetch"
         reason = str(exc).removeprefix("None: ") or type(exc).__name__
         raise Ovis2RequestError(f"{where}: cannot fetch {describe_url(url)}: {reason}") from None
+    if len(data) > _max_bytes():  # data: URLs are decoded without Xinference's download cap
+        raise Ovis2LimitError(
+            f"{where}: {describe_url(url)}: {len(data)} bytes, over XINFERENCE_MEDIA_MAX_BYTES={_max_bytes()}"
+        )
+    return data
 
 
 def _check_pixels(width: int, height: int, where: str, limits: MediaLimits) -> None:
@@ -102,7 +148,10 @@ def decode_image(data: bytes, where: str, limits: MediaLimits) -> Image.Image:
     except UnidentifiedImageError:
         raise Ovis2RequestError(f"{where}: not a decodable image (unknown or unsupported format)") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise Ovis2LimitError(f"{where}: refused as a decompression bomb ({exc})") from None
+        raise Ovis2LimitError(
+            f"{where}: refused as a decompression bomb ({exc}); the limit here is "
+            f"{limits.max_image_pixels} pixels ({ENV_MAX_IMAGE_PIXELS})"
+        ) from None
     except (OSError, ValueError, SyntaxError) as exc:
         raise Ovis2RequestError(f"{where}: the image data is corrupt ({exc})") from None
     return image
@@ -118,11 +167,6 @@ def decode_video(data: bytes, where: str, limits: MediaLimits, frames: int) -> L
     """Decode ``frames`` frames spread evenly over the whole video."""
     import av
 
-    if frames > limits.max_video_frames:
-        raise Ovis2LimitError(
-            f"{where}: {frames} video frames requested, over the limit of "
-            f"{limits.max_video_frames} ({ENV_MAX_VIDEO_FRAMES})"
-        )
     try:
         with av.open(io.BytesIO(data), mode="r") as container:
             if not container.streams.video:

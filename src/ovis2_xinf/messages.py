@@ -19,12 +19,12 @@ with the message and part index that are wrong.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 from PIL import Image
 
 from .errors import Ovis2LimitError, Ovis2RequestError
-from .media import ENV_MAX_IMAGES, MediaLimits, decode_image, decode_video, read_media
+from .media import ENV_MAX_IMAGES, ENV_MAX_VIDEO_FRAMES, MediaLimits, decode_image, decode_video, read_media
 from .prompt import IMAGE_MARKER, Turn
 
 ROLES = {"system": "system", "user": "human", "assistant": "gpt"}
@@ -144,6 +144,12 @@ def build_conversation(
             f"{limits.max_images} ({ENV_MAX_IMAGES})"
         )
     frames = video_frames or limits.video_frames
+    videos = sum(1 for r in refs if r.kind == "video")
+    if videos * frames > limits.max_video_frames:
+        raise Ovis2LimitError(
+            f"messages: {videos} video(s) x {frames} frames is over the limit of "
+            f"{limits.max_video_frames} frames per request ({ENV_MAX_VIDEO_FRAMES})"
+        )
     if max_partition is not None and (not isinstance(max_partition, int) or max_partition < 1):
         raise Ovis2RequestError(f"max_partition: must be a positive integer, got {max_partition!r}")
 
@@ -181,8 +187,3 @@ def build_conversation(
                 lines.append(f"Image {number}: {IMAGE_MARKER}")
         turns.append(Turn(message.speaker, "\n".join(lines)))  # type: ignore[arg-type]
     return Conversation(turns, images, max_partition or default_max_partition(parsed))
-
-
-def count_media(parsed: Sequence[ParsedMessage]) -> Tuple[int, int]:
-    refs = media_refs(parsed)
-    return sum(r.kind == "image" for r in refs), sum(r.kind == "video" for r in refs)
