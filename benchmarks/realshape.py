@@ -14,6 +14,8 @@ from typing import Dict, Tuple
 import torch
 from safetensors.torch import save_file
 
+from ovis2_xinf.checkpoint import original_shapes
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "src" / "ovis2_xinf" / "assets" / "tiny-ovis2"
 REAL_DIMS = json.loads((ROOT / "tests" / "fixtures" / "real_dims.json").read_text())
@@ -27,39 +29,6 @@ def _layout(size: str) -> Tuple[Dict[str, Tuple[int, ...]], dict]:
     v_hidden, v_inter, v_layers, v_heads = dims["vision"]
     image, patch, stride, visual_vocab = (REAL_DIMS["image_size"], REAL_DIMS["patch_size"],
                                           REAL_DIMS["hidden_stride"], REAL_DIMS["visual_vocab_size"])
-    kv = kv_heads * (hidden // heads)
-    shapes: Dict[str, Tuple[int, ...]] = {"llm.model.embed_tokens.weight": (vocab, hidden), "llm.model.norm.weight": (hidden,)}
-    if not tied:
-        shapes["llm.lm_head.weight"] = (vocab, hidden)
-    for i in range(layers):
-        p = f"llm.model.layers.{i}."
-        shapes.update({
-            p + "input_layernorm.weight": (hidden,), p + "post_attention_layernorm.weight": (hidden,),
-            p + "self_attn.q_proj.weight": (hidden, hidden), p + "self_attn.q_proj.bias": (hidden,),
-            p + "self_attn.k_proj.weight": (kv, hidden), p + "self_attn.k_proj.bias": (kv,),
-            p + "self_attn.v_proj.weight": (kv, hidden), p + "self_attn.v_proj.bias": (kv,),
-            p + "self_attn.o_proj.weight": (hidden, hidden),
-            p + "mlp.gate_proj.weight": (inter, hidden), p + "mlp.up_proj.weight": (inter, hidden),
-            p + "mlp.down_proj.weight": (hidden, inter),
-        })
-    b = "visual_tokenizer.backbone."
-    shapes.update({
-        b + "preprocessor.patchifier.proj.weight": (v_hidden, 3, patch, patch),
-        b + "preprocessor.patchifier.proj.bias": (v_hidden,),
-        b + "preprocessor.patchifier.norm.weight": (v_hidden,),
-        b + "preprocessor.pos_embed": (1, (image // patch) ** 2, v_hidden),
-        b + "trunk.post_trunk_norm.weight": (v_hidden,),
-        "visual_tokenizer.head.0.weight": (visual_vocab - 5, v_hidden * stride * stride),
-        "visual_tokenizer.head.1.weight": (visual_vocab - 5,), "visual_tokenizer.head.1.bias": (visual_vocab - 5,),
-        "vte.weight": (visual_vocab, hidden),
-    })
-    for i in range(v_layers):
-        p = f"{b}trunk.blocks.{i}."
-        shapes.update({
-            p + "attn.qkv.weight": (3 * v_hidden, v_hidden), p + "attn.proj.weight": (v_hidden, v_hidden),
-            p + "mlp.fc1.weight": (v_inter, v_hidden), p + "mlp.fc2.weight": (v_hidden, v_inter),
-            p + "mlp.fc3.weight": (v_inter, v_hidden), p + "norm_1.weight": (v_hidden,), p + "norm_2.weight": (v_hidden,),
-        })
     config = json.loads((TINY / "config.json").read_text())
     config["llm_config"].update(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
                                 num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab,
@@ -70,7 +39,7 @@ def _layout(size: str) -> Tuple[Dict[str, Tuple[int, ...]], dict]:
     visual.update(vocab_size=visual_vocab, hidden_stride=stride)
     visual["backbone_config"].update(hidden_size=v_hidden, intermediate_size=v_inter, num_hidden_layers=v_layers,
                                      num_attention_heads=v_heads, image_size=image, patch_size=patch)
-    return shapes, config
+    return original_shapes(config, image), config
 
 
 def _write_common(target: Path, config: dict) -> None:

@@ -19,54 +19,12 @@ from ovis2_xinf.checkpoint import (
     convert_tensor,
     native_config,
     native_names,
+    original_shapes,
     tokens_per_crop,
 )
 from ovis2_xinf.loader import build_empty_model, choose_attention, load_model, plan_device_map
 
 REAL = json.loads((FIXTURES / "real_dims.json").read_text())
-
-
-def original_layout(llm, vision, visual_vocab, image_size, patch, stride) -> Dict[str, Tuple[int, ...]]:
-    """Tensor names and shapes of an original AIDC-AI Ovis2 checkpoint."""
-    hidden, inter, layers, heads, kv_heads, vocab, tied = llm
-    v_hidden, v_inter, v_layers, _ = vision
-    head_dim = hidden // heads
-    shapes: Dict[str, Tuple[int, ...]] = {"llm.model.embed_tokens.weight": (vocab, hidden), "llm.model.norm.weight": (hidden,)}
-    if not tied:
-        shapes["llm.lm_head.weight"] = (vocab, hidden)
-    for i in range(layers):
-        p = f"llm.model.layers.{i}."
-        shapes.update({
-            p + "input_layernorm.weight": (hidden,), p + "post_attention_layernorm.weight": (hidden,),
-            p + "self_attn.q_proj.weight": (hidden, hidden), p + "self_attn.q_proj.bias": (hidden,),
-            p + "self_attn.k_proj.weight": (kv_heads * head_dim, hidden), p + "self_attn.k_proj.bias": (kv_heads * head_dim,),
-            p + "self_attn.v_proj.weight": (kv_heads * head_dim, hidden), p + "self_attn.v_proj.bias": (kv_heads * head_dim,),
-            p + "self_attn.o_proj.weight": (hidden, hidden),
-            p + "mlp.gate_proj.weight": (inter, hidden), p + "mlp.up_proj.weight": (inter, hidden),
-            p + "mlp.down_proj.weight": (hidden, inter),
-        })
-    b = "visual_tokenizer.backbone."
-    patches = (image_size // patch) ** 2
-    shapes.update({
-        b + "preprocessor.patchifier.proj.weight": (v_hidden, 3, patch, patch),
-        b + "preprocessor.patchifier.proj.bias": (v_hidden,),
-        b + "preprocessor.patchifier.norm.weight": (v_hidden,),
-        b + "preprocessor.pos_embed": (1, patches, v_hidden),
-        b + "trunk.post_trunk_norm.weight": (v_hidden,),
-        "visual_tokenizer.head.0.weight": (visual_vocab - 5, v_hidden * stride * stride),
-        "visual_tokenizer.head.1.weight": (visual_vocab - 5,),
-        "visual_tokenizer.head.1.bias": (visual_vocab - 5,),
-        "vte.weight": (visual_vocab, hidden),
-    })
-    for i in range(v_layers):
-        p = f"{b}trunk.blocks.{i}."
-        shapes.update({
-            p + "attn.qkv.weight": (3 * v_hidden, v_hidden), p + "attn.proj.weight": (v_hidden, v_hidden),
-            p + "mlp.fc1.weight": (v_inter, v_hidden), p + "mlp.fc2.weight": (v_hidden, v_inter),
-            p + "mlp.fc3.weight": (v_inter, v_hidden),
-            p + "norm_1.weight": (v_hidden,), p + "norm_2.weight": (v_hidden,),
-        })
-    return shapes
 
 
 def synthetic_checkpoint(llm, vision, visual_vocab, image_size, patch, stride, tokenizer_size=None):
@@ -89,11 +47,11 @@ def synthetic_checkpoint(llm, vision, visual_vocab, image_size, patch, stride, t
     return OriginalCheckpoint(Path("/nonexistent"), config, preprocessor)
 
 
-def test_layout_generator_matches_the_tiny_fixture():
-    """The generator below reproduces the fixture's keys and shapes exactly."""
+def test_original_shapes_match_the_tiny_fixture():
+    """original_shapes() reproduces the fixture's keys and shapes exactly."""
     with safe_open(str(TINY / "model.safetensors"), "pt") as f:
         actual = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    assert original_layout((64, 128, 2, 4, 2, 576, True), (32, 64, 2, 2), 128, 56, 14, 2) == actual
+    assert original_shapes(json.loads((TINY / "config.json").read_text()), 56) == actual
 
 
 def _native_shapes(model) -> Dict[str, Tuple[int, ...]]:
@@ -117,7 +75,7 @@ def test_real_size_mapping_covers_every_tensor(size):
     config = native_config(checkpoint, REAL["tokenizer_size"])
     model = build_empty_model(config)
     native = _native_shapes(model)
-    converted = _converted_shapes(original_layout(*args))
+    converted = _converted_shapes(original_shapes(checkpoint.config, REAL["image_size"]))
     if dims["llm"][6]:  # tied: lm_head shares the embedding matrix
         converted["lm_head.weight"] = converted["model.language_model.embed_tokens.weight"]
     assert sorted(set(native) - set(converted)) == []  # no missing

@@ -185,6 +185,54 @@ def native_config(
     return config
 
 
+def original_shapes(config: Dict[str, Any], image_size: int) -> Dict[str, Tuple[int, ...]]:
+    """Every tensor an original-format checkpoint with this ``config.json`` holds, with its shape.
+
+    Used to check that the weight mapping covers real sizes, and to build random
+    checkpoints of real shape for benchmarks.
+    """
+    llm = config["llm_config"]
+    hidden, inter, vocab = llm["hidden_size"], llm["intermediate_size"], llm["vocab_size"]
+    kv = llm["num_key_value_heads"] * (hidden // llm["num_attention_heads"])
+    shapes: Dict[str, Tuple[int, ...]] = {"llm.model.embed_tokens.weight": (vocab, hidden), "llm.model.norm.weight": (hidden,)}
+    if not llm.get("tie_word_embeddings", False):
+        shapes["llm.lm_head.weight"] = (vocab, hidden)
+    for i in range(llm["num_hidden_layers"]):
+        p = f"llm.model.layers.{i}."
+        shapes.update({
+            p + "input_layernorm.weight": (hidden,), p + "post_attention_layernorm.weight": (hidden,),
+            p + "self_attn.q_proj.weight": (hidden, hidden), p + "self_attn.q_proj.bias": (hidden,),
+            p + "self_attn.k_proj.weight": (kv, hidden), p + "self_attn.k_proj.bias": (kv,),
+            p + "self_attn.v_proj.weight": (kv, hidden), p + "self_attn.v_proj.bias": (kv,),
+            p + "self_attn.o_proj.weight": (hidden, hidden),
+            p + "mlp.gate_proj.weight": (inter, hidden), p + "mlp.up_proj.weight": (inter, hidden),
+            p + "mlp.down_proj.weight": (hidden, inter),
+        })
+    visual = config["visual_tokenizer_config"]
+    backbone = visual["backbone_config"]
+    v_hidden, v_inter, patch = backbone["hidden_size"], backbone["intermediate_size"], backbone["patch_size"]
+    stride, visual_vocab = visual.get("hidden_stride", 1), visual["vocab_size"]
+    shapes.update({
+        _VISION + "preprocessor.patchifier.proj.weight": (v_hidden, backbone.get("num_channels", 3), patch, patch),
+        _VISION + "preprocessor.patchifier.proj.bias": (v_hidden,),
+        _VISION + "preprocessor.patchifier.norm.weight": (v_hidden,),
+        _VISION + "preprocessor.pos_embed": (1, (image_size // patch) ** 2, v_hidden),
+        _VISION + "trunk.post_trunk_norm.weight": (v_hidden,),
+        "visual_tokenizer.head.0.weight": (visual_vocab - NUM_INDICATORS, v_hidden * stride * stride),
+        "visual_tokenizer.head.1.weight": (visual_vocab - NUM_INDICATORS,),
+        "visual_tokenizer.head.1.bias": (visual_vocab - NUM_INDICATORS,),
+        "vte.weight": (visual_vocab, hidden),
+    })
+    for i in range(backbone["num_hidden_layers"]):
+        p = f"{_VISION}trunk.blocks.{i}."
+        shapes.update({
+            p + "attn.qkv.weight": (3 * v_hidden, v_hidden), p + "attn.proj.weight": (v_hidden, v_hidden),
+            p + "mlp.fc1.weight": (v_inter, v_hidden), p + "mlp.fc2.weight": (v_hidden, v_inter),
+            p + "mlp.fc3.weight": (v_inter, v_hidden), p + "norm_1.weight": (v_hidden,), p + "norm_2.weight": (v_hidden,),
+        })
+    return shapes
+
+
 def tokens_per_crop(config) -> int:
     vision = config.vision_config
     side = vision.image_size // vision.patch_size
@@ -255,7 +303,7 @@ def convert_tensor(original: str, tensor: torch.Tensor) -> Iterator[Tuple[str, t
         yield names[0], tensor
 
 
-def iter_original_tensors(checkpoint: OriginalCheckpoint) -> Iterator[Tuple[str, "safe_open_handle", str]]:
+def iter_original_tensors(checkpoint: OriginalCheckpoint) -> Iterator[Tuple[str, Any, str]]:
     """Yield (name, open shard, shard path) without reading any tensor yet."""
     from safetensors import safe_open
 
@@ -268,5 +316,3 @@ def iter_original_tensors(checkpoint: OriginalCheckpoint) -> Iterator[Tuple[str,
             for name in opened.keys():
                 yield name, opened, str(shard)
 
-
-safe_open_handle = Any
