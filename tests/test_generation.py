@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 import torch
 
 from conftest import TINY
 from ovis2_xinf.errors import Ovis2LimitError, Ovis2RequestError
-from ovis2_xinf.generation import plan_sampling, stream_text, stream_tokens
+from ovis2_xinf.generation import GenerationGate, plan_sampling, stream_text, stream_tokens
 from ovis2_xinf.loader import load_tokenizer
 
 CHECKPOINT_DEFAULTS = {"do_sample": True, "temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.05}
@@ -108,6 +111,37 @@ def test_closing_the_token_stream_stops_generation(tiny_model, monkeypatch):
     tokens.close()  # a client went away: generation must stop, not run to 3000 tokens
     assert len(first) == 3
     assert generated and generated[0] < 100
+
+
+def test_gate_lets_generations_in_one_at_a_time_in_arrival_order():
+    gate, order, never = GenerationGate(1), [], threading.Event()
+    assert gate.enter(never)
+    waiters = []
+    for i in range(4):
+        waiters.append(threading.Thread(target=lambda i=i: (gate.enter(never), order.append(i), gate.leave())))
+        waiters[-1].start()
+        time.sleep(0.05)  # each waiter is in line before the next arrives
+    assert order == [] and gate.busy
+    gate.leave()
+    for waiter in waiters:
+        waiter.join(5)
+    assert order == [0, 1, 2, 3] and not gate.busy
+
+
+def test_gate_lets_a_cancelled_waiter_leave_the_line():
+    gate, never, gave_up = GenerationGate(1), threading.Event(), threading.Event()
+    assert gate.enter(never)
+    result = []
+    waiter = threading.Thread(target=lambda: result.append(gate.enter(gave_up)))
+    waiter.start()
+    time.sleep(0.05)
+    gave_up.set()
+    waiter.join(5)
+    assert result == [False]
+    gate.leave()
+    assert not gate.busy
+    with pytest.raises(ValueError, match="slots"):
+        GenerationGate(0)
 
 
 def test_same_seed_same_tokens(tiny_model):

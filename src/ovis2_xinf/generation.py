@@ -7,6 +7,7 @@ produce the same text. Generation runs in a background thread; closing the itera
 
 from __future__ import annotations
 
+import collections
 import logging
 import queue
 import threading
@@ -103,6 +104,7 @@ class _TokenQueue:
 
     def __init__(self):
         self.queue: "queue.Queue[Union[int, BaseException, None]]" = queue.Queue()
+        self.produced = 0
         self._prompt_seen = False
 
     def put(self, value: torch.Tensor) -> None:
@@ -110,6 +112,7 @@ class _TokenQueue:
             self._prompt_seen = True
             return
         for token in value.reshape(-1).tolist():
+            self.produced += 1
             self.queue.put(int(token))
 
     def end(self) -> None:
@@ -119,56 +122,114 @@ class _TokenQueue:
 class _Cancelled:
     """Stopping criterion flipped from the consumer side."""
 
-    def __init__(self):
-        self.event = threading.Event()
+    def __init__(self, event: threading.Event):
+        self.event = event
+        self.fired = False
 
     def __call__(self, input_ids, scores, **kwargs):
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+        self.fired = self.fired or self.event.is_set()
+        return torch.full((input_ids.shape[0],), self.fired, dtype=torch.bool, device=input_ids.device)
 
 
-def stream_tokens(model, inputs: Dict[str, Any], plan: SamplingPlan) -> Iterator[int]:
-    """Yield generated token ids as they come; closing the iterator stops generation."""
+class GenerationGate:
+    """Lets ``slots`` generations run at once, the others wait in arrival order.
+
+    A waiter whose request is cancelled leaves the line at once, so a client that
+    gives up while queued costs nothing.
+    """
+
+    def __init__(self, slots: int = 1):
+        if slots < 1:
+            raise ValueError(f"slots: must be at least 1, got {slots}")
+        self._slots = slots
+        self._running = 0
+        self._line: "collections.deque[object]" = collections.deque()
+        self._changed = threading.Condition()
+
+    def enter(self, cancelled: threading.Event, poll_s: float = 0.05) -> bool:
+        """Wait for a slot; False when ``cancelled`` was set first."""
+        ticket = object()
+        with self._changed:
+            self._line.append(ticket)
+            while True:
+                if cancelled.is_set():
+                    self._line.remove(ticket)
+                    self._changed.notify_all()
+                    return False
+                if self._running < self._slots and self._line[0] is ticket:
+                    self._line.popleft()
+                    self._running += 1
+                    self._changed.notify_all()
+                    return True
+                self._changed.wait(poll_s)
+
+    def leave(self) -> None:
+        with self._changed:
+            self._running -= 1
+            self._changed.notify_all()
+
+    @property
+    def busy(self) -> bool:
+        """Whether a generation is running or waiting."""
+        with self._changed:
+            return bool(self._running or self._line)
+
+
+def stream_tokens(
+    model, inputs: Dict[str, Any], plan: SamplingPlan, gate: Optional[GenerationGate] = None
+) -> Iterator[int]:
+    """Yield generated token ids as they come; closing the iterator stops generation.
+
+    With a ``gate``, generation starts only once the gate lets it in; closing the
+    iterator while waiting gives the place up.
+    """
     from transformers import StoppingCriteriaList
 
     streamer = _TokenQueue()
-    cancelled = _Cancelled()
-    if plan.seed is not None:
-        torch.manual_seed(plan.seed)
-        if torch.cuda.is_available():
-            torch.cuda.manual_seed_all(plan.seed)
+    cancelled = threading.Event()
+    stop_when_cancelled = _Cancelled(cancelled)
 
     def run() -> None:
+        if gate is not None and not gate.enter(cancelled):
+            streamer.end()
+            return
         try:
+            if plan.seed is not None:
+                torch.manual_seed(plan.seed)
+                if torch.cuda.is_available():
+                    torch.cuda.manual_seed_all(plan.seed)
             with torch.inference_mode():
                 model.generate(
                     **inputs,
                     **plan.generate_kwargs,
                     streamer=streamer,
-                    stopping_criteria=StoppingCriteriaList([cancelled]),
+                    stopping_criteria=StoppingCriteriaList([stop_when_cancelled]),
                 )
+            if stop_when_cancelled.fired:
+                logger.info("generation stopped after %d tokens: its consumer stopped reading", streamer.produced)
         except BaseException as exc:  # handed to the consumer thread
             streamer.queue.put(exc)
             streamer.queue.put(None)
+        finally:
+            if gate is not None:
+                gate.leave()
 
     thread = threading.Thread(target=run, name="ovis2-generate", daemon=True)
     thread.start()
-    produced = 0
-    finished = False
     try:
         while True:
             item = streamer.queue.get()
             if item is None:
-                finished = True
                 break
             if isinstance(item, BaseException):
                 raise item
-            produced += 1
             yield item
     finally:
-        cancelled.event.set()
-        thread.join()
-        if not finished:
-            logger.info("generation cancelled by the consumer after %d tokens", produced)
+        cancelled.set()
+        # The garbage collector may finalize an abandoned stream on any thread,
+        # the generating one included; that one stops by itself after this token.
+        if threading.current_thread() is not thread:
+            thread.join()
 
 
 @dataclass

@@ -3,8 +3,15 @@
 It loads the original AIDC-AI checkpoints without running their code (see
 :mod:`ovis2_xinf.loader`), turns OpenAI messages into the original Ovis prompt (see
 :mod:`ovis2_xinf.messages`) and answers in OpenAI's chat format, streaming or not.
-Requests are served one at a time (``allow_batch = False``): Xinference's model actor
-then queues them, so concurrent requests never share a generation.
+
+Concurrency: the class tells Xinference it may be called concurrently
+(``allow_batch = True``), so requests are parsed, fetched and preprocessed in parallel
+and a stream is pulled only as fast as its client reads it. The generations themselves
+pass one at a time, in arrival order, through a :class:`~ovis2_xinf.generation.GenerationGate`
+(no two requests ever share a generation, and seeded sampling stays reproducible).
+With ``allow_batch = False`` Xinference would instead drain every stream eagerly in the
+model process, and a client that disconnects could not stop its generation (see also
+:func:`ovis2_xinf.registration.close_dropped_streams`).
 """
 
 from __future__ import annotations
@@ -21,11 +28,12 @@ from xinference.model.llm.transformers.core import PytorchChatModel
 
 from .checkpoint import tokens_per_crop
 from .errors import Ovis2RequestError
-from .generation import SamplingPlan, TextEvent, plan_sampling, stream_text, stream_tokens
+from .generation import GenerationGate, SamplingPlan, TextEvent, plan_sampling, stream_text, stream_tokens
 from .media import MediaLimits
 from .messages import build_conversation
 from .preprocessing import Ovis2ImagePreprocessor
 from .prompt import EncodedPrompt, encode
+from .registration import close_dropped_streams, model_class_ready
 
 logger = logging.getLogger(__name__)
 
@@ -54,8 +62,23 @@ class _Prepared:
     include_usage: bool
 
 
+def _log_like_xinference() -> None:
+    """Send this package's log lines where Xinference sends its own.
+
+    Xinference configures only its own loggers (and transformers'); without this, our
+    load and cancellation lines would be dropped in the model process.
+    """
+    ours, theirs = logging.getLogger("ovis2_xinf"), logging.getLogger("xinference")
+    if ours.handlers or not theirs.handlers:
+        return
+    for handler in theirs.handlers:
+        ours.addHandler(handler)
+    ours.setLevel(theirs.level)
+    ours.propagate = False
+
+
 class Ovis2NativeChatModel(PytorchChatModel):
-    allow_batch = False
+    allow_batch = True  # see the module docstring; Xinference's batch scheduler stays off
 
     @classmethod
     def match_json(cls, llm_family, llm_spec, quantization: str) -> Union[bool, Tuple[bool, str]]:
@@ -82,6 +105,8 @@ class Ovis2NativeChatModel(PytorchChatModel):
         from .loader import load_model
         from .quantization import quantization_loader_for
 
+        _log_like_xinference()
+        close_dropped_streams()
         config = self._pytorch_model_config
         device, max_memory = self._device_and_memory()
         dtype = _dtype(config.get("torch_dtype"), device)
@@ -116,6 +141,7 @@ class Ovis2NativeChatModel(PytorchChatModel):
             or min(self.model_family.context_length or 32768, text_config.max_position_embeddings)
         )
         self._limits = MediaLimits.from_env()
+        self._gate = GenerationGate(1)
         logger.info(
             "Ovis2 loaded from %s on %s (%s, attention %s, context %d)",
             self.model_path, device, dtype, loaded.model.config._attn_implementation, self._context_length,
@@ -182,7 +208,7 @@ class Ovis2NativeChatModel(PytorchChatModel):
         return inputs
 
     def _events(self, prepared: _Prepared) -> Iterator[TextEvent]:
-        tokens = stream_tokens(self._model, self._inputs(prepared.encoded), prepared.plan)
+        tokens = stream_tokens(self._model, self._inputs(prepared.encoded), prepared.plan, gate=self._gate)
         return stream_text(tokens, self._tokenizer, prepared.plan, self._eos_ids)
 
     def _usage(self, prepared: _Prepared, completion_tokens: int) -> Dict[str, int]:
@@ -264,6 +290,4 @@ class Ovis2NativeChatModel(PytorchChatModel):
 
 # Where this module is what imported Xinference (a model subprocess), the engine hook
 # ran before the class existed: finish the registration now.
-from .registration import model_class_ready  # noqa: E402
-
 model_class_ready(Ovis2NativeChatModel)

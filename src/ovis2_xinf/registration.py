@@ -19,10 +19,13 @@ Two things are done there:
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import re
 import sys
+import threading
+import time
 from importlib import metadata
 from types import ModuleType
 from typing import Any, Dict, List, Optional, Tuple
@@ -216,6 +219,53 @@ def on_restful_api_loaded(api: ModuleType) -> bool:
     setattr(handle_request_limit_error, _WRAPPED_MARK, True)
     cls.handle_request_limit_error = staticmethod(handle_request_limit_error)
     return True
+
+
+def close_dropped_streams() -> bool:
+    """Close a stream's generator as soon as Xinference drops it.
+
+    When a client disconnects, Xinference drops the model's stream generator
+    (``__xoscar_destroy_generator__``) without closing it, and a reference cycle through
+    the cancelled call's traceback keeps it suspended until the garbage collector runs,
+    which may be minutes. Only closing it stops the generation behind it, so the
+    dropped generator is closed here, right away or, when another thread is inside it,
+    as soon as that thread leaves. Called in the model process by the model class.
+    """
+    if is_disabled() or not is_supported_version(xinference_version()):
+        return False
+    from xinference.core.model import ModelActor
+
+    original = ModelActor.__xoscar_destroy_generator__
+    if getattr(original, _WRAPPED_MARK, False):
+        return True
+
+    async def __xoscar_destroy_generator__(self, generator_uid: str):
+        dropped = self._generators.get(generator_uid)
+        result = await original(self, generator_uid)
+        if inspect.isgenerator(dropped) and dropped.gi_frame is not None:
+            _close_when_free(dropped)
+        return result
+
+    setattr(__xoscar_destroy_generator__, _WRAPPED_MARK, True)
+    ModelActor.__xoscar_destroy_generator__ = __xoscar_destroy_generator__
+    return True
+
+
+def _close_when_free(generator, poll_s: float = 0.02) -> None:
+    try:
+        generator.close()
+        return
+    except ValueError:  # another thread is inside it (waiting for its next token)
+        pass
+
+    def retry() -> None:
+        while generator.gi_frame is not None:
+            try:
+                generator.close()
+            except ValueError:
+                time.sleep(poll_s)
+
+    threading.Thread(target=retry, name="ovis2-close-dropped-stream", daemon=True).start()
 
 
 def activate() -> bool:
