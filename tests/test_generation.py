@@ -64,11 +64,16 @@ def tokenizer():
 
 
 def _run(tokenizer, text_or_ids, config, eos_at_end=False):
+    """The same ids one token per batch and all in one batch must give the same answer."""
     ids = tokenizer(text_or_ids, add_special_tokens=False).input_ids if isinstance(text_or_ids, str) else text_or_ids
     if eos_at_end:
         ids = ids + [527]
-    events = list(stream_text(iter(ids), tokenizer, plan(config), EOS))
-    return "".join(e.text for e in events), events[-1].finish_reason, events[-1].completion_tokens
+    answers = []
+    for batches in ([[i] for i in ids], [ids]):
+        events = list(stream_text(iter(batches), tokenizer, plan(config), EOS))
+        answers.append(("".join(e.text for e in events), events[-1].finish_reason, events[-1].completion_tokens))
+    assert answers[0] == answers[1]
+    return answers[0]
 
 
 def test_stream_text_finishes_on_eos_and_counts_it(tokenizer):
@@ -83,10 +88,17 @@ def test_stream_text_length_when_no_eos(tokenizer):
 
 def test_stop_string_is_cut_and_never_sent(tokenizer):
     ids = tokenizer("one two STOP three", add_special_tokens=False).input_ids
-    events = list(stream_text(iter(ids), tokenizer, plan({"stop": ["STOP"]}), EOS))
-    assert "".join(e.text for e in events) == "one two "
-    assert all("S" not in e.text for e in events)
-    assert events[-1].finish_reason == "stop"
+    for batches in ([[i] for i in ids], [ids[:3], ids[3:]], [ids]):
+        events = list(stream_text(iter(batches), tokenizer, plan({"stop": ["STOP"]}), EOS))
+        assert "".join(e.text for e in events) == "one two "
+        assert all("S" not in e.text for e in events)
+        assert events[-1].finish_reason == "stop"
+
+
+def test_one_event_per_batch(tokenizer):
+    ids = tokenizer("one two three four", add_special_tokens=False).input_ids
+    events = list(stream_text(iter([ids[:2], ids[2:]]), tokenizer, plan({}), EOS))
+    assert [e.text for e in events if e.text] == [tokenizer.decode(ids[:2]), tokenizer.decode(ids)[len(tokenizer.decode(ids[:2])):]]
 
 
 def test_held_back_prefix_is_flushed_when_it_is_not_a_stop(tokenizer):
@@ -147,7 +159,7 @@ def test_gate_lets_a_cancelled_waiter_leave_the_line():
 def test_same_seed_same_tokens(tiny_model):
     ids = torch.tensor([[526, 384, 198, 462, 527, 198, 526, 439, 198]])
     p = plan_sampling({"seed": 7, "max_tokens": 12}, CHECKPOINT_DEFAULTS, [], 525, ids.shape[1], 4096)
-    runs = [list(stream_tokens(tiny_model.model, {"input_ids": ids}, p)) for _ in range(2)]
+    runs = [[t for batch in stream_tokens(tiny_model.model, {"input_ids": ids}, p) for t in batch] for _ in range(2)]
     assert runs[0] == runs[1] and len(runs[0]) == 12
 
 

@@ -2,7 +2,10 @@
 
 Both paths consume the same :func:`stream_tokens` iterator, so for the same seed they
 produce the same text. Generation runs in a background thread; closing the iterator
-(a client that disconnects) stops it at the next token.
+(a client that disconnects) stops it at the next token. Tokens are handed over in
+batches of whatever was generated since the last pull, so a consumer slower than the
+model (each streamed chunk is a round trip between Xinference's processes) sends
+fewer, larger chunks instead of falling behind.
 """
 
 from __future__ import annotations
@@ -177,8 +180,9 @@ class GenerationGate:
 
 def stream_tokens(
     model, inputs: Dict[str, Any], plan: SamplingPlan, gate: Optional[GenerationGate] = None
-) -> Iterator[int]:
-    """Yield generated token ids as they come; closing the iterator stops generation.
+) -> Iterator[List[int]]:
+    """Yield the token ids generated since the last pull (at least one); closing the
+    iterator stops generation.
 
     With a ``gate``, generation starts only once the gate lets it in; closing the
     iterator while waiting gives the place up.
@@ -217,13 +221,23 @@ def stream_tokens(
     thread = threading.Thread(target=run, name="ovis2-generate", daemon=True)
     thread.start()
     try:
-        while True:
+        done = False
+        while not done:
+            batch: List[int] = []
             item = streamer.queue.get()
-            if item is None:
-                break
-            if isinstance(item, BaseException):
-                raise item
-            yield item
+            while True:
+                if item is None:
+                    done = True
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                batch.append(item)
+                try:
+                    item = streamer.queue.get_nowait()
+                except queue.Empty:
+                    break
+            if batch:
+                yield batch
     finally:
         cancelled.set()
         # The garbage collector may finalize an abandoned stream on any thread,
@@ -240,12 +254,12 @@ class TextEvent:
 
 
 def stream_text(
-    tokens: Iterator[int], tokenizer, plan: SamplingPlan, eos_token_ids: Sequence[int]
+    batches: Iterator[List[int]], tokenizer, plan: SamplingPlan, eos_token_ids: Sequence[int]
 ) -> Iterator[TextEvent]:
-    """Decode token ids into text deltas, honouring stop strings and eos.
+    """Decode batches of token ids into text deltas, honouring stop strings and eos.
 
     Text that might be the start of a stop string is held back until it is known not
-    to be one, so a stop string never reaches the client.
+    to be one, so a stop string never reaches the client. One event per batch at most.
     """
     eos = set(eos_token_ids) | set(plan.generate_kwargs["eos_token_id"])
     generated: List[int] = []
@@ -253,14 +267,13 @@ def stream_text(
     finish_reason = "length"
     cut_at_stop_string = False
     try:
-        for token in tokens:
-            if token in eos:
-                finish_reason = "stop"
-                break
-            generated.append(token)
+        for batch in batches:
+            for token in batch:
+                if token in eos:
+                    finish_reason = "stop"
+                    break
+                generated.append(token)
             text = tokenizer.decode(generated, skip_special_tokens=True)
-            if text.endswith("\ufffd"):
-                continue  # an incomplete UTF-8 sequence: wait for the next token
             cut = min((text.find(s) for s in plan.stop if s in text), default=-1)
             if cut >= 0:
                 finish_reason = "stop"
@@ -268,6 +281,10 @@ def stream_text(
                 if cut > len(emitted):
                     yield TextEvent(text[len(emitted):cut], None, len(generated))
                 break
+            if finish_reason == "stop":
+                break
+            if text.endswith("\ufffd"):
+                continue  # an incomplete UTF-8 sequence: wait for the next token
             held = max(
                 (n for s in plan.stop for n in range(1, len(s)) if text.endswith(s[:n])),
                 default=0,
@@ -277,7 +294,7 @@ def stream_text(
                 yield TextEvent(ready[len(emitted):], None, len(generated))
                 emitted = ready
     finally:
-        close = getattr(tokens, "close", None)
+        close = getattr(batches, "close", None)
         if close is not None:
             close()
     count = len(generated) + (1 if finish_reason == "stop" and not cut_at_stop_string else 0)
