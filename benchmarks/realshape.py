@@ -58,6 +58,26 @@ def _random(shape, dtype, generator) -> torch.Tensor:
     return (torch.randn(shape, generator=generator) * 0.02).to(dtype)
 
 
+def _speak_the_tokenizer(makers, config: dict) -> None:
+    """Zero the output rows of ids the (tiny, bundled) tokenizer does not have.
+
+    Random weights would otherwise pick ids that decode to nothing, and a served stream
+    would carry no text to time.
+    """
+    from ovis2_xinf.loader import load_tokenizer
+
+    known = len(load_tokenizer(TINY))
+    name = "llm.model.embed_tokens.weight" if config["llm_config"].get("tie_word_embeddings") else "llm.lm_head.weight"
+    make = makers[name]
+
+    def limited():
+        tensor = make()
+        tensor[known:] = 0
+        return tensor
+
+    makers[name] = limited
+
+
 def build_pytorch(size: str, target: Path, dtype: torch.dtype = torch.bfloat16) -> Path:
     """An original-layout checkpoint with random weights, one shard per LLM layer group."""
     if (target / "model.safetensors.index.json").exists():
@@ -66,7 +86,9 @@ def build_pytorch(size: str, target: Path, dtype: torch.dtype = torch.bfloat16) 
     config["torch_dtype"] = str(dtype).removeprefix("torch.")
     _write_common(target, config)
     generator = torch.Generator().manual_seed(0)
-    _save_sharded(target, {name: lambda s=shape: _random(s, dtype, generator) for name, shape in shapes.items()})
+    makers = {name: lambda s=shape: _random(s, dtype, generator) for name, shape in shapes.items()}
+    _speak_the_tokenizer(makers, config)
+    _save_sharded(target, makers)
     return target
 
 
@@ -98,6 +120,7 @@ def build_gptq(size: str, target: Path, bits: int = 4, group_size: int = 128) ->
             makers[module + ".g_idx"] = lambda i=in_features: (torch.arange(i, dtype=torch.int32) // group_size)
         else:
             makers[name] = lambda s=shape: _random(s, torch.float16, generator)
+    _speak_the_tokenizer(makers, config)
     _save_sharded(target, makers)
     return target
 

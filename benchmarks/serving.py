@@ -55,11 +55,11 @@ def direct(path: Path, max_tokens: int, runs: int = 3) -> Dict[str, float]:
         start = time.perf_counter()
         first = last = None
         count = 0
-        for _token in stream_tokens(loaded.model, inputs, plan):
+        for batch in stream_tokens(loaded.model, inputs, plan):
             now = time.perf_counter()
             first = first or now
             last = now
-            count += 1
+            count += len(batch)
         ttfts.append(first - start)
         rates.append((count - 1) / (last - first))
     return {"ttft_s": float(np.median(ttfts)), "decode_tok_s": float(np.median(rates)),
@@ -116,22 +116,37 @@ def served(path: Path, max_tokens: int, runs: int = 3, concurrency=(1, 2, 4, 8),
     return result
 
 
-LOAD_PLAIN = r'''
+LOAD = r'''
 import sys, time, torch
-from transformers import Ovis2ForConditionalGeneration
-start = time.perf_counter()
-Ovis2ForConditionalGeneration.from_pretrained(sys.argv[1], dtype=torch.float32)
+from transformers import Ovis2ForConditionalGeneration  # imports are not load time, for either
+from transformers import PreTrainedTokenizerFast  # noqa: F401
+kind, path = sys.argv[1], sys.argv[2]
+if kind == "native":
+    start = time.perf_counter()
+    model = Ovis2ForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
+else:
+    from ovis2_xinf.loader import load_model
+    start = time.perf_counter()
+    model = load_model(path, torch.float32, "cpu").model
+sum(float(p.float().sum()) for p in model.parameters())  # touch every weight: lazy mmap pages count too
 print("SECONDS", time.perf_counter() - start)
 '''
 
 
-def plain_from_pretrained(path: Path, native_dir: Path) -> float:
-    """Save the converted model in native format once, then time a plain from_pretrained."""
-    if not (native_dir / "config.json").exists():
-        loaded = load_model(path, torch.float32, "cpu")
-        loaded.model.save_pretrained(native_dir)
-        del loaded
-    done = subprocess.run([sys.executable, "-c", LOAD_PLAIN, str(native_dir)], capture_output=True, text=True, timeout=3600)
+def _timed_load(kind: str, path: Path) -> float:
+    done = subprocess.run([sys.executable, "-c", LOAD, kind, str(path)], capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL, timeout=3600)
     if done.returncode != 0:
         raise RuntimeError(done.stderr[-3000:])
     return float(next(l for l in done.stdout.splitlines() if l.startswith("SECONDS")).split()[1])
+
+
+def load_times(path: Path, native_dir: Path) -> Dict[str, float]:
+    """Our loader on the original checkpoint against a plain ``from_pretrained`` of the same
+    weights saved in native format, same stored dtype (bf16) and target dtype (float32),
+    each in a fresh process, every weight touched once."""
+    if not (native_dir / "config.json").exists():
+        loaded = load_model(path, torch.bfloat16, "cpu")
+        loaded.model.save_pretrained(native_dir)
+        del loaded
+    return {"ours_s": _timed_load("ours", path), "plain_from_pretrained_s": _timed_load("native", native_dir)}
