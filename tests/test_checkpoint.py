@@ -207,3 +207,14 @@ def test_loader_never_reads_remote_code(copy_of_tiny):
     (copy_of_tiny / "configuration_ovis.py").write_text("raise SystemExit('remote code executed')\n")
     loaded = load_model(copy_of_tiny)
     assert type(loaded.model).__name__ == "Ovis2ForConditionalGeneration"
+
+
+def test_reopening_shards_while_loading_changes_nothing(monkeypatch, tiny_model):
+    """Shards are reopened every REMAP_BYTES to bound resident pages; the weights must not notice."""
+    import ovis2_xinf.checkpoint as checkpoint
+
+    monkeypatch.setattr(checkpoint, "REMAP_BYTES", 1)  # reopen before every tensor
+    reloaded = load_model(TINY).model.state_dict()
+    original = tiny_model.model.state_dict()
+    assert reloaded.keys() == original.keys()
+    assert all(torch.equal(reloaded[k], original[k]) for k in original)

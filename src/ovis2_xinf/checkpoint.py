@@ -8,6 +8,7 @@ they stream out of the safetensors shards, so no converted copy is ever written.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -303,16 +304,43 @@ def convert_tensor(original: str, tensor: torch.Tensor) -> Iterator[Tuple[str, t
         yield names[0], tensor
 
 
-def iter_original_tensors(checkpoint: OriginalCheckpoint) -> Iterator[Tuple[str, Any, str]]:
-    """Yield (name, open shard, shard path) without reading any tensor yet."""
+#: Bytes read from one open shard before it is reopened; see iter_original_tensors.
+REMAP_BYTES = 256 * 2**20
+_DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2,
+                "U16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def _open_shard(shard: Path) -> Any:
     from safetensors import safe_open
 
-    for shard in checkpoint.shard_files():
-        try:
-            handle = safe_open(str(shard), framework="pt")
-        except Exception as exc:  # safetensors raises its own error types
-            raise CheckpointError(f"{shard}: cannot read safetensors ({exc})") from None
-        with handle as opened:
-            for name in opened.keys():
-                yield name, opened, str(shard)
+    try:
+        return safe_open(str(shard), framework="pt")
+    except Exception as exc:  # safetensors raises its own error types
+        raise CheckpointError(f"{shard}: cannot read safetensors ({exc})") from None
 
+
+def iter_original_tensors(checkpoint: OriginalCheckpoint) -> Iterator[Tuple[str, Any, str]]:
+    """Yield (name, open shard, shard path) without reading any tensor yet.
+
+    A shard is memory-mapped, and every page read stays resident in this process
+    until the mapping closes: with multi-GB shards the peak memory of a load would be
+    the model plus a whole shard. Reopening the shard every ``REMAP_BYTES`` bounds that.
+    """
+    for shard in checkpoint.shard_files():
+        with _open_shard(shard) as listing:
+            names = list(listing.keys())
+        read = REMAP_BYTES
+        opened = None
+        try:
+            for name in names:
+                if read >= REMAP_BYTES:
+                    if opened is not None:
+                        opened.__exit__(None, None, None)
+                    opened = _open_shard(shard).__enter__()
+                    read = 0
+                view = opened.get_slice(name)
+                read += math.prod(view.get_shape()) * _DTYPE_BYTES.get(view.get_dtype(), 4)
+                yield name, opened, str(shard)
+        finally:
+            if opened is not None:
+                opened.__exit__(None, None, None)
