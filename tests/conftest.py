@@ -34,3 +34,26 @@ def tiny_model():
     from ovis2_xinf.loader import load_model
 
     return load_model(TINY)
+
+
+def run_golden_case(loaded, name: str, device: str = "cpu"):
+    """Last logits (float32, on the CPU), 8 greedy tokens and the case, for one golden case."""
+    import torch
+    from PIL import Image
+
+    from ovis2_xinf.checkpoint import tokens_per_crop
+    from ovis2_xinf.preprocessing import Ovis2ImagePreprocessor
+    from ovis2_xinf.prompt import Turn, encode
+
+    case = json.loads((CASES_DIR / "cases.json").read_text())["cases"][name]
+    pre = Ovis2ImagePreprocessor(loaded.checkpoint.preprocessor)
+    images = [pre(Image.open(CASES_DIR / "images" / f), case["max_partition"]) for f in case["images"]]
+    encoded = encode(loaded.tokenizer, [Turn(t["from"], t["value"]) for t in case["conversation"]], images,
+                     loaded.placeholders, tokens_per_crop(loaded.model.config))
+    ids = encoded.input_ids.to(device)
+    pixels = encoded.pixel_values.to(device, loaded.dtype) if encoded.pixel_values is not None else None
+    with torch.no_grad():
+        logits = loaded.model(input_ids=ids, pixel_values=pixels).logits[0, -1].float().cpu()
+        out = loaded.model.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=8, do_sample=False,
+                                    eos_token_id=[527, 525], pad_token_id=525)
+    return logits, out[0, ids.shape[1]:].tolist(), case

@@ -11,32 +11,13 @@ import json
 
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import CASES_DIR, FIXTURES, TINY
-from ovis2_xinf.checkpoint import tokens_per_crop
+from conftest import CASES_DIR, FIXTURES, TINY, run_golden_case
 from ovis2_xinf.loader import load_model
-from ovis2_xinf.preprocessing import Ovis2ImagePreprocessor
-from ovis2_xinf.prompt import Turn, encode
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 NAMES = ("text_only", "single_wide", "multi_image", "video")
-
-
-def run_case(loaded, name):
-    case = json.loads((CASES_DIR / "cases.json").read_text())["cases"][name]
-    pre = Ovis2ImagePreprocessor(loaded.checkpoint.preprocessor)
-    images = [pre(Image.open(CASES_DIR / "images" / f), case["max_partition"]) for f in case["images"]]
-    encoded = encode(loaded.tokenizer, [Turn(t["from"], t["value"]) for t in case["conversation"]], images,
-                     loaded.placeholders, tokens_per_crop(loaded.model.config))
-    ids = encoded.input_ids.to("cuda")
-    pixels = encoded.pixel_values.to("cuda", loaded.dtype) if encoded.pixel_values is not None else None
-    with torch.no_grad():
-        logits = loaded.model(input_ids=ids, pixel_values=pixels).logits[0, -1].float().cpu()
-        out = loaded.model.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=8, do_sample=False,
-                                    eos_token_id=[527, 525], pad_token_id=525)
-    return logits, out[0, ids.shape[1]:].tolist(), case
 
 
 @pytest.fixture(autouse=True)
@@ -52,7 +33,7 @@ def no_tf32():
 def test_float32_on_cuda_matches_the_original(name):
     references = load_file(str(CASES_DIR / "tensors.safetensors"))
     loaded = load_model(TINY, torch.float32, "cuda")
-    logits, tokens, case = run_case(loaded, name)
+    logits, tokens, case = run_golden_case(loaded, name, "cuda")
     torch.testing.assert_close(logits, references[f"{name}.last_logits"], atol=1e-4, rtol=1e-4)
     assert tokens == case["greedy_ids"]
 
@@ -67,7 +48,7 @@ def test_the_model_class_picks_bf16_on_cuda():
 def test_bf16_on_cuda_follows_the_original(name):
     references = load_file(str(CASES_DIR / "tensors.safetensors"))
     loaded = load_model(TINY, torch.bfloat16, "cuda")
-    logits, _, case = run_case(loaded, name)
+    logits, _, case = run_golden_case(loaded, name, "cuda")
     torch.testing.assert_close(logits, references[f"{name}.last_logits"], atol=0.1, rtol=0.05)
     # bf16 may swap near-tied tokens (it does for the video case on CPU): the original's pick
     # must be within bf16 noise of ours.
@@ -89,7 +70,7 @@ def test_gptq_kernels_on_cuda_follow_the_original(variant, name, record_property
     record_property("gptq_kernels", sorted(kernels))
     assert kernels and all(p.device.type == "cuda" for p in loaded.model.parameters())
     references = load_file(str(cases_dir / "tensors.safetensors"))
-    logits, tokens, _ = run_case(loaded, name)
+    logits, tokens, _ = run_golden_case(loaded, name, "cuda")
     expected = json.loads((cases_dir / "cases.json").read_text())["cases"][name]
     torch.testing.assert_close(logits, references[f"{name}.last_logits"], atol=0.08, rtol=0.02)
     assert tokens[0] == expected["greedy_ids"][0]

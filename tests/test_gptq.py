@@ -9,15 +9,12 @@ import os
 
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import CASES_DIR, FIXTURES
-from ovis2_xinf.checkpoint import CheckpointError, OriginalCheckpoint, tokens_per_crop
+from conftest import CASES_DIR, FIXTURES, run_golden_case
+from ovis2_xinf.checkpoint import CheckpointError, OriginalCheckpoint
 from ovis2_xinf.gptq import GPTQLoader, GPTQSettings, dequantize
 from ovis2_xinf.loader import load_model
-from ovis2_xinf.preprocessing import Ovis2ImagePreprocessor
-from ovis2_xinf.prompt import Turn, encode
 from ovis2_xinf.quantization import GPTQ_INSTALL_HINT, MissingQuantizationBackend, quantization_loader_for
 
 VARIANTS = ("int4", "int8")
@@ -39,20 +36,6 @@ def references(variant):
     return cases, tensors
 
 
-def run_case(loaded, name):
-    case = json.loads((CASES_DIR / "cases.json").read_text())["cases"][name]
-    pre = Ovis2ImagePreprocessor(loaded.checkpoint.preprocessor)
-    images = [pre(Image.open(CASES_DIR / "images" / f), case["max_partition"]) for f in case["images"]]
-    encoded = encode(loaded.tokenizer, [Turn(t["from"], t["value"]) for t in case["conversation"]], images,
-                     loaded.placeholders, tokens_per_crop(loaded.model.config))
-    pixels = encoded.pixel_values.to(loaded.dtype) if encoded.pixel_values is not None else None
-    with torch.no_grad():
-        logits = loaded.model(input_ids=encoded.input_ids, pixel_values=pixels).logits[0, -1].float()
-        out = loaded.model.generate(input_ids=encoded.input_ids, pixel_values=pixels, max_new_tokens=8,
-                                    do_sample=False, eos_token_id=[527, 525], pad_token_id=525)
-    return logits, out[0, encoded.input_ids.shape[1]:].tolist()
-
-
 @pytest.fixture(scope="module", params=VARIANTS)
 def dequantized(request):
     path = checkpoint_path(request.param)
@@ -63,7 +46,7 @@ def dequantized(request):
 def test_exact_dequantized_parity(dequantized, name):
     variant, loaded = dequantized
     cases, tensors = references(variant)
-    logits, tokens = run_case(loaded, name)
+    logits, tokens, _ = run_golden_case(loaded, name)
     torch.testing.assert_close(logits, tensors[f"{name}.last_logits"], atol=1e-4, rtol=1e-4)
     assert tokens == cases[name]["greedy_ids"]
 
@@ -87,7 +70,7 @@ def test_kernel_path_parity_in_half_precision(kernel_loaded, name):
     quantized = [m for m in loaded.model.modules() if isinstance(m, BaseQuantLinear)]
     assert len(quantized) == 14  # 7 linears x 2 decoder layers, nothing else
     cases, tensors = references(variant)
-    logits, tokens = run_case(loaded, name)
+    logits, tokens, _ = run_golden_case(loaded, name)
     # fp16 activations and GPTQModel's CPU kernels: measured max diffs 0.053 (int4), 0.020 (int8)
     torch.testing.assert_close(logits, tensors[f"{name}.last_logits"], atol=0.08, rtol=0.02)
     assert tokens[0] == cases[name]["greedy_ids"][0]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import http.server
-import io
 import json
 import threading
 from pathlib import Path

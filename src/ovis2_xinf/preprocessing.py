@@ -10,7 +10,6 @@ where the image grid is chosen.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Any, Dict, List, Sequence, Tuple, Union
 
