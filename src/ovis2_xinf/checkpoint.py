@@ -327,15 +327,13 @@ def iter_original_tensors(checkpoint: OriginalCheckpoint) -> Iterator[Tuple[str,
     the model plus a whole shard. Reopening the shard every ``REMAP_BYTES`` bounds that.
     """
     for shard in checkpoint.shard_files():
-        with _open_shard(shard) as listing:
-            names = list(listing.keys())
-        read = REMAP_BYTES
-        opened = None
+        opened = _open_shard(shard).__enter__()
+        read = 0
         try:
-            for name in names:
+            for name in list(opened.keys()):
                 if read >= REMAP_BYTES:
-                    if opened is not None:
-                        opened.__exit__(None, None, None)
+                    opened.__exit__(None, None, None)
+                    opened = None
                     opened = _open_shard(shard).__enter__()
                     read = 0
                 view = opened.get_slice(name)
