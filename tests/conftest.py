@@ -37,7 +37,8 @@ def tiny_model():
 
 
 def run_golden_case(loaded, name: str, device: str = "cpu"):
-    """Last logits (float32, on the CPU), 8 greedy tokens and the case, for one golden case."""
+    """Last logits (float32, on the CPU), the greedy tokens and the case, for one golden case,
+    generated with the settings the references were made with."""
     import torch
     from PIL import Image
 
@@ -45,7 +46,8 @@ def run_golden_case(loaded, name: str, device: str = "cpu"):
     from ovis2_xinf.preprocessing import Ovis2ImagePreprocessor
     from ovis2_xinf.prompt import Turn, encode
 
-    case = json.loads((CASES_DIR / "cases.json").read_text())["cases"][name]
+    golden = json.loads((CASES_DIR / "cases.json").read_text())
+    case, generation = golden["cases"][name], golden["generation"]
     pre = Ovis2ImagePreprocessor(loaded.checkpoint.preprocessor)
     images = [pre(Image.open(CASES_DIR / "images" / f), case["max_partition"]) for f in case["images"]]
     encoded = encode(loaded.tokenizer, [Turn(t["from"], t["value"]) for t in case["conversation"]], images,
@@ -54,6 +56,7 @@ def run_golden_case(loaded, name: str, device: str = "cpu"):
     pixels = encoded.pixel_values.to(device, loaded.dtype) if encoded.pixel_values is not None else None
     with torch.no_grad():
         logits = loaded.model(input_ids=ids, pixel_values=pixels).logits[0, -1].float().cpu()
-        out = loaded.model.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=8, do_sample=False,
-                                    eos_token_id=[527, 525], pad_token_id=525)
+        out = loaded.model.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=generation["max_new_tokens"],
+                                    do_sample=False, eos_token_id=generation["eos_token_id"],
+                                    pad_token_id=generation["pad_token_id"])
     return logits, out[0, ids.shape[1]:].tolist(), case

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import CASES_DIR, TINY
+from conftest import CASES_DIR, TINY, run_golden_case
 from ovis2_xinf.checkpoint import tokens_per_crop
 from ovis2_xinf.preprocessing import Ovis2ImagePreprocessor
 from ovis2_xinf.prompt import Turn, encode, original_ids
@@ -40,22 +40,10 @@ def test_pixel_values_equal(tiny_model, cases, reference_tensors, name):
 
 
 @pytest.mark.parametrize("name", CASE_NAMES)
-def test_last_logits_and_greedy_tokens(tiny_model, cases, reference_tensors, name):
-    case = cases["cases"][name]
-    encoded = _encode_case(tiny_model, case)
-    gen = cases["generation"]
-    with torch.no_grad():
-        logits = tiny_model.model(input_ids=encoded.input_ids, pixel_values=encoded.pixel_values).logits[0, -1]
-        out = tiny_model.model.generate(
-            input_ids=encoded.input_ids,
-            pixel_values=encoded.pixel_values,
-            max_new_tokens=gen["max_new_tokens"],
-            do_sample=False,
-            eos_token_id=gen["eos_token_id"],
-            pad_token_id=gen["pad_token_id"],
-        )
+def test_last_logits_and_greedy_tokens(tiny_model, reference_tensors, name):
+    logits, tokens, case = run_golden_case(tiny_model, name)
     torch.testing.assert_close(logits, reference_tensors[f"{name}.last_logits"], atol=1e-4, rtol=1e-4)
-    assert out[0, encoded.input_ids.shape[1]:].tolist() == case["greedy_ids"]
+    assert tokens == case["greedy_ids"]
 
 
 def test_left_padded_batch(tiny_model, cases, reference_tensors):
