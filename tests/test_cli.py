@@ -4,20 +4,17 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from ovis2_xinf import __version__
+from ovis2_xinf.local_server import console_script
 
 
 def ovis2_xinf(*args: str, timeout: float = 600, env=None) -> subprocess.CompletedProcess:
-    script = Path(sys.executable).with_name("ovis2-xinf")
-    command = [str(script) if script.exists() else shutil.which("ovis2-xinf"), *args]
-    return subprocess.run(command, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=timeout, env=env)
+    return subprocess.run([console_script("ovis2-xinf"), *args], capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL, timeout=timeout, env=env)
 
 
 def test_version():

@@ -51,7 +51,7 @@ class LocalServer:
 
     def xinference(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
         """Run the ``xinference`` CLI against this server."""
-        command = [_script("xinference"), *args, "--endpoint", self.endpoint]
+        command = [console_script("xinference"), *args, "--endpoint", self.endpoint]
         return subprocess.run(
             command, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout,
             env=self.env(),
@@ -76,7 +76,8 @@ class LocalServer:
         raise RuntimeError(f"no model uid in launch output:\n{done.stdout}\n{done.stderr}")
 
 
-def _script(name: str) -> str:
+def console_script(name: str) -> str:
+    """The path of an installed console script of this environment (the venv's own first)."""
     candidate = Path(sys.executable).with_name(name)
     if candidate.exists():
         return str(candidate)
@@ -119,7 +120,7 @@ def local_server(
     log_path = home / "server.log"
     log = open(log_path, "w")
     process = subprocess.Popen(
-        [_script("xinference-local"), "--host", HOST, "--port", str(port)],
+        [console_script("xinference-local"), "--host", HOST, "--port", str(port)],
         stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
     )
     server = LocalServer(home, port, process, log_path)
