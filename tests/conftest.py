@@ -36,6 +36,24 @@ def tiny_model():
     return load_model(TINY)
 
 
+# Ways to break a copy of a checkpoint directory, shared by the loader's unit tests and
+# the launch tests through Xinference.
+def remove_weights(path: Path) -> None:
+    (path / "model.safetensors").unlink()
+
+
+def lose_a_shard(path: Path) -> None:
+    (path / "model.safetensors").rename(path / "model-00001-of-00002.safetensors")
+    index = {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}
+    (path / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+def set_wrong_model_type(path: Path) -> None:
+    config = json.loads((path / "config.json").read_text())
+    config["model_type"] = "llava"
+    (path / "config.json").write_text(json.dumps(config))
+
+
 def run_golden_case(loaded, name: str, device: str = "cpu"):
     """Last logits (float32, on the CPU), the greedy tokens and the case, for one golden case,
     generated with the settings the references were made with."""

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import FIXTURES, TINY
+from conftest import FIXTURES, TINY, lose_a_shard, remove_weights, set_wrong_model_type
 from ovis2_xinf.checkpoint import (
     CheckpointError,
     OriginalCheckpoint,
@@ -153,22 +153,18 @@ def _load_error(path) -> str:
 
 
 def test_missing_weights_file_is_named(copy_of_tiny):
-    (copy_of_tiny / "model.safetensors").unlink()
+    remove_weights(copy_of_tiny)
     assert "no model.safetensors or model.safetensors.index.json" in _load_error(copy_of_tiny)
 
 
 def test_missing_shard_is_named(copy_of_tiny):
-    (copy_of_tiny / "model.safetensors").rename(copy_of_tiny / "model-00001-of-00002.safetensors")
-    index = {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}
-    (copy_of_tiny / "model.safetensors.index.json").write_text(json.dumps(index))
+    lose_a_shard(copy_of_tiny)
     message = _load_error(copy_of_tiny)
     assert "model-00002-of-00002.safetensors: weight shard listed in model.safetensors.index.json is missing" in message
 
 
 def test_wrong_model_type_is_named(copy_of_tiny):
-    config = json.loads((copy_of_tiny / "config.json").read_text())
-    config["model_type"] = "llava"
-    (copy_of_tiny / "config.json").write_text(json.dumps(config))
+    set_wrong_model_type(copy_of_tiny)
     assert "config.json: model_type is 'llava', expected 'ovis'" in _load_error(copy_of_tiny)
 
 

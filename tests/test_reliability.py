@@ -15,7 +15,7 @@ import psutil
 import pytest
 from openai import APIError, BadRequestError, OpenAI
 
-from conftest import CASES_DIR, TINY
+from conftest import CASES_DIR, TINY, lose_a_shard, remove_weights, set_wrong_model_type
 from ovis2_xinf.local_server import local_server
 
 pytestmark = pytest.mark.integration
@@ -142,26 +142,10 @@ def test_disconnecting_stream_stops_generation(server, uid, client):
     assert reply.usage.completion_tokens == 2
 
 
-def _no_weights(path: Path) -> None:
-    (path / "model.safetensors").unlink()
-
-
-def _missing_shard(path: Path) -> None:
-    (path / "model.safetensors").rename(path / "model-00001-of-00002.safetensors")
-    index = {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}
-    (path / "model.safetensors.index.json").write_text(json.dumps(index))
-
-
-def _wrong_config(path: Path) -> None:
-    config = json.loads((path / "config.json").read_text())
-    config["model_type"] = "llava"
-    (path / "config.json").write_text(json.dumps(config))
-
-
 @pytest.mark.parametrize("breakage, message", [
-    (_no_weights, "no model.safetensors or model.safetensors.index.json"),
-    (_missing_shard, "model-00002-of-00002.safetensors: weight shard listed in model.safetensors.index.json is missing"),
-    (_wrong_config, "config.json: model_type is 'llava', expected 'ovis'"),
+    (remove_weights, "no model.safetensors or model.safetensors.index.json"),
+    (lose_a_shard, "model-00002-of-00002.safetensors: weight shard listed in model.safetensors.index.json is missing"),
+    (set_wrong_model_type, "config.json: model_type is 'llava', expected 'ovis'"),
 ], ids=["no weights", "missing shard", "wrong config"])
 def test_broken_checkpoint_fails_the_launch_naming_the_file(server, tmp_path, breakage, message):
     broken = tmp_path / "broken"
@@ -169,7 +153,7 @@ def test_broken_checkpoint_fails_the_launch_naming_the_file(server, tmp_path, br
     breakage(broken)
     done = server.xinference("launch", "--model-engine", "transformers", "--model-name", "Ovis2",
                              "--size-in-billions", "2", "--model-format", "pytorch", "--model-path", str(broken),
-                             "--model-uid", f"broken-{breakage.__name__.strip('_')}")
+                             "--model-uid", f"broken-{breakage.__name__.replace('_', '-')}")
     answer = done.stdout + done.stderr
     assert done.returncode != 0
     assert message in answer and str(broken) in answer
