@@ -131,6 +131,7 @@ class Ovis2NativeChatModel(PytorchChatModel):
         self._device = device
         self._batch_scheduler = None
         self._preprocessor = Ovis2ImagePreprocessor(loaded.checkpoint.preprocessor)
+        self._preprocessor.warm_up()
         self._tokens_per_crop = tokens_per_crop(loaded.model.config)
         self._eos_ids = [i for i in (self._tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS) if i is not None]
         self._pad_id = self._tokenizer.pad_token_id if self._tokenizer.pad_token_id is not None else self._eos_ids[-1]

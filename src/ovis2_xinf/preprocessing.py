@@ -11,13 +11,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Sequence, Tuple, Union
+from typing import Any, Dict, List, Tuple, Union
 
 import json
 
 import numpy as np
 import torch
 from PIL import Image
+
+from .resample import PixelSource
 
 # Placeholder layout of one image, in the original's symbolic ids.
 IMAGE_ATOM = "atom"
@@ -113,12 +115,10 @@ class Ovis2ImagePreprocessor:
         self.mean = np.asarray(config.get("image_mean", (0.48145466, 0.4578275, 0.40821073)), dtype=np.float32)
         self.std = np.asarray(config.get("image_std", (0.26862954, 0.26130258, 0.27577711)), dtype=np.float32)
         self.rescale_factor = float(config.get("rescale_factor", 1 / 255))
-        self.resample = Image.Resampling(int(config.get("resample", Image.Resampling.BICUBIC)))
-        # Every uint8 value of every channel normalizes to one float32: compute the 256 x 3
-        # results once with the reference arithmetic (float64 rescale, float32 normalize)
-        # and look them up, instead of redoing that arithmetic for every pixel.
-        levels = np.arange(256, dtype=np.float64)[:, None] * self.rescale_factor
-        self._lut = ((levels.astype(np.float32) - self.mean) / self.std).astype(np.float32)
+        resample = int(config.get("resample", Image.Resampling.BICUBIC))
+        if resample != Image.Resampling.BICUBIC:
+            raise ValueError(f"preprocessor_config.json: resample {resample} is not bicubic (3), the only filter "
+                             "Ovis2 checkpoints use and the only one implemented")
 
     @classmethod
     def from_pretrained(cls, path: Union[str, Path]) -> "Ovis2ImagePreprocessor":
@@ -131,37 +131,39 @@ class Ovis2ImagePreprocessor:
             raise ValueError(f"{config_path}: not valid JSON: {exc}") from None
         return cls(config)
 
-    def _resize_and_pad(self, image: Image.Image, out: np.ndarray) -> None:
-        """Write one crop, normalized and centred, into ``out`` (3, side, side) of zeros."""
+    def _crop_size(self, width: int, height: int) -> Tuple[int, int]:
+        """Size a crop is resized to: its long side becomes the crop side, aspect kept."""
         side = self.side
-        width, height = image.size
         if width == height:
-            new_width = new_height = side
-        elif width > height:
-            new_width = side
-            new_height = int(height / width * new_width)
-        else:
-            new_height = side
-            new_width = int(width / height * new_height)
-        resized = image.resize((new_width, new_height), resample=self.resample, reducing_gap=None)
-        pixels = np.asarray(resized, dtype=np.uint8)
-        top = (side - new_height) // 2 if new_width > new_height else 0
-        left = (side - new_width) // 2 if new_height > new_width else 0
-        for channel in range(3):
-            np.take(self._lut[:, channel], pixels[:, :, channel],
-                    out=out[channel, top: top + new_height, left: left + new_width])
+            return side, side
+        if width > height:
+            return side, int(height / width * side)
+        return int(width / height * side), side
 
     def __call__(self, image: Image.Image, max_partition: int) -> ProcessedImage:
         if image.mode != "RGB":
             image = image.convert("RGB")
         grid = choose_grid(image.width, image.height, self.side, max_partition)
-        crops = [image.crop(box) for box in partition(image.width, image.height, grid)]
-        if len(crops) > 1:
-            crops.insert(0, image)
-        values = np.zeros((len(crops), 3, self.side, self.side), dtype=np.float32)
-        for index, crop in enumerate(crops):
-            self._resize_and_pad(crop, values[index])
+        boxes = partition(image.width, image.height, grid)
+        if len(boxes) > 1:
+            boxes.insert(0, (0, 0, image.width, image.height))
+        source = PixelSource(image)
+        side = self.side
+        values = np.zeros((len(boxes), 3, side, side), dtype=np.float32)
+        for index, box in enumerate(boxes):
+            width, height = self._crop_size(box[2] - box[0], box[3] - box[1])
+            # Centred on the long axis; the padding stays 0 in normalized space.
+            top = (side - height) // 2 if width > height else 0
+            left = (side - width) // 2 if height > width else 0
+            source.resize_normalized(box, (width, height), self.rescale_factor, self.mean, self.std,
+                                     values[index], top, left)
         return ProcessedImage(torch.from_numpy(values), grid, placeholder_layout(grid))
 
-    def process_many(self, images: Sequence[Image.Image], max_partition: int) -> List[ProcessedImage]:
-        return [self(image, max_partition) for image in images]
+    def warm_up(self) -> None:
+        """Compile the resizing kernels now (seconds the first time, cached on disk after).
+
+        A tall and a wide image take both of Pillow's pass orders, so no image request
+        pays for compilation.
+        """
+        self(Image.new("RGB", (self.side, self.side * 3)), 3)
+        self(Image.new("RGB", (self.side * 3, self.side)), 3)

@@ -1,0 +1,97 @@
+"""The numba resizer against Pillow itself: every output byte must be equal.
+
+The references were made with Pillow 13 (its vertical-first order for tall reductions is
+visible in ``single_tall``), so Pillow 13 is the oracle; cases pick sizes on both sides of
+its pass-order rule, upscales, unchanged axes and sub-boxes of a larger image.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import PIL
+import pytest
+from PIL import Image
+
+from ovis2_xinf.resample import PixelSource, coefficients, vertical_first
+
+
+def test_oracle_is_pillow_13():
+    # The test extra requires it; an older Pillow resizes tall images in the other order.
+    assert int(PIL.__version__.split(".")[0]) >= 13
+
+
+IDENTITY_MEAN = np.zeros(3, np.float32)
+IDENTITY_STD = np.ones(3, np.float32)
+
+
+def _ours(pixels: np.ndarray, box, size) -> np.ndarray:
+    """Resized bytes, read back through an identity normalization (scale 1, mean 0, std 1)."""
+    out = np.zeros((3, size[1], size[0]), np.float32)
+    PixelSource(Image.fromarray(pixels)).resize_normalized(box, size, 1.0, IDENTITY_MEAN, IDENTITY_STD, out, 0, 0)
+    return out.transpose(1, 2, 0).astype(np.uint8)
+
+
+def _pillow(pixels: np.ndarray, box, size) -> np.ndarray:
+    return np.asarray(Image.fromarray(pixels).crop(box).resize(size, Image.Resampling.BICUBIC))
+
+
+@pytest.mark.parametrize(
+    "image_size,box,size",
+    [
+        ((1920, 1080), (0, 0, 1920, 1080), (448, 252)),     # thumbnail, horizontal first
+        ((1920, 1080), (480, 540, 960, 1080), (398, 448)),  # a crop of a 2x4 grid
+        ((333, 1201), (0, 0, 333, 1201), (124, 448)),       # tall: Pillow 13 goes vertical first
+        ((1201, 333), (0, 0, 1201, 333), (448, 124)),
+        ((90, 270), (45, 0, 90, 135), (18, 56)),            # the fixture's tall image, one crop
+        ((20, 20), (0, 0, 20, 20), (448, 448)),             # upscale
+        ((640, 480), (0, 0, 640, 480), (640, 240)),         # width unchanged
+        ((640, 480), (0, 0, 640, 480), (320, 480)),         # height unchanged
+        ((64, 64), (0, 0, 64, 64), (64, 64)),               # nothing to do
+        ((1, 900), (0, 0, 1, 900), (1, 448)),
+        ((4000, 3000), (1333, 1000, 2666, 2000), (448, 336)),
+    ],
+)
+def test_resize_equals_pillow(image_size, box, size):
+    rng = np.random.default_rng(sum(image_size) + sum(size))
+    pixels = rng.integers(0, 256, (image_size[1], image_size[0], 3), dtype=np.uint8)
+    np.testing.assert_array_equal(_ours(pixels, box, size), _pillow(pixels, box, size))
+
+
+def test_random_sizes_equal_pillow():
+    rng = np.random.default_rng(13)
+    for _ in range(60):
+        width, height = (int(v) for v in rng.integers(1, 700, 2))
+        x0, y0 = int(rng.integers(0, width)), int(rng.integers(0, height))
+        box = (x0, y0, int(rng.integers(x0 + 1, width + 1)), int(rng.integers(y0 + 1, height + 1)))
+        size = tuple(int(v) for v in rng.integers(1, 500, 2))
+        pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        np.testing.assert_array_equal(_ours(pixels, box, size), _pillow(pixels, box, size),
+                                      err_msg=f"image {width}x{height} box {box} -> {size}")
+
+
+def test_smooth_image_equals_pillow():
+    # Random noise rarely lands near a rounding boundary the way flat gradients do.
+    y, x = np.mgrid[0:700, 0:1000]
+    pixels = np.stack([(x * 255 // 999), (y * 255 // 699), ((x + y) % 256)], axis=-1).astype(np.uint8)
+    for size in [(448, 313), (313, 448), (1000, 448), (17, 9)]:
+        np.testing.assert_array_equal(_ours(pixels, (0, 0, 1000, 700), size),
+                                      _pillow(pixels, (0, 0, 1000, 700), size))
+
+
+def test_pass_order_rule():
+    assert vertical_first(333, 1201, 124, 448)
+    assert not vertical_first(1201, 333, 448, 124)
+    assert not vertical_first(1920, 1080, 448, 252)
+    assert not vertical_first(20, 20, 448, 448)
+
+
+def test_coefficients_sum_to_one():
+    for in_size, out_size in [(1920, 448), (540, 448), (20, 448), (7, 7)]:
+        taps, bounds = coefficients(in_size, out_size)
+        assert (np.abs(taps.sum(axis=1) - (1 << 22)) <= taps.shape[1]).all()
+        assert (bounds[:, 0] >= 0).all() and (bounds.sum(axis=1) <= in_size).all()
+
+
+def test_rejects_non_rgb_images():
+    with pytest.raises(ValueError, match="mode RGBA"):
+        PixelSource(Image.new("RGBA", (4, 4)))
