@@ -31,7 +31,7 @@ def pillow_baseline(pre: Ovis2ImagePreprocessor, image: Image.Image, max_partiti
     table = ((levels.astype(np.float32) - pre.mean) / pre.std).astype(np.float32)
     values = np.zeros((len(crops), 3, side, side), dtype=np.float32)
     for index, crop in enumerate(crops):
-        width, height = pre._crop_size(*crop.size)
+        width, height = pre.resized_size(*crop.size)
         pixels = np.asarray(crop.resize((width, height), Image.Resampling.BICUBIC))
         top = (side - height) // 2 if width > height else 0
         left = (side - width) // 2 if height > width else 0

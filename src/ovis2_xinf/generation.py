@@ -135,22 +135,19 @@ class _Cancelled:
 
 
 class GenerationGate:
-    """Lets ``slots`` generations run at once, the others wait in arrival order.
+    """Lets one generation run at a time, the others wait in arrival order.
 
     A waiter whose request is cancelled leaves the line at once, so a client that
     gives up while queued costs nothing.
     """
 
-    def __init__(self, slots: int = 1):
-        if slots < 1:
-            raise ValueError(f"slots: must be at least 1, got {slots}")
-        self._slots = slots
-        self._running = 0
+    def __init__(self):
+        self._running = False
         self._line: "collections.deque[object]" = collections.deque()
         self._changed = threading.Condition()
 
     def enter(self, cancelled: threading.Event, poll_s: float = 0.05) -> bool:
-        """Wait for a slot; False when ``cancelled`` was set first."""
+        """Wait for the turn; False when ``cancelled`` was set first."""
         ticket = object()
         with self._changed:
             self._line.append(ticket)
@@ -159,16 +156,16 @@ class GenerationGate:
                     self._line.remove(ticket)
                     self._changed.notify_all()
                     return False
-                if self._running < self._slots and self._line[0] is ticket:
+                if not self._running and self._line[0] is ticket:
                     self._line.popleft()
-                    self._running += 1
+                    self._running = True
                     self._changed.notify_all()
                     return True
                 self._changed.wait(poll_s)
 
     def leave(self) -> None:
         with self._changed:
-            self._running -= 1
+            self._running = False
             self._changed.notify_all()
 
     @property

@@ -142,7 +142,7 @@ class Ovis2NativeChatModel(PytorchChatModel):
             or min(self.model_family.context_length or 32768, text_config.max_position_embeddings)
         )
         self._limits = MediaLimits.from_env()
-        self._gate = GenerationGate(1)
+        self._gate = GenerationGate()
         logger.info(
             "Ovis2 loaded from %s on %s (%s, attention %s, context %d)",
             self.model_path, device, dtype, loaded.model.config._attn_implementation, self._context_length,

@@ -131,7 +131,7 @@ class Ovis2ImagePreprocessor:
             raise ValueError(f"{config_path}: not valid JSON: {exc}") from None
         return cls(config)
 
-    def _crop_size(self, width: int, height: int) -> Tuple[int, int]:
+    def resized_size(self, width: int, height: int) -> Tuple[int, int]:
         """Size a crop is resized to: its long side becomes the crop side, aspect kept."""
         side = self.side
         if width == height:
@@ -151,7 +151,7 @@ class Ovis2ImagePreprocessor:
         side = self.side
         values = np.zeros((len(boxes), 3, side, side), dtype=np.float32)
         for index, box in enumerate(boxes):
-            width, height = self._crop_size(box[2] - box[0], box[3] - box[1])
+            width, height = self.resized_size(box[2] - box[0], box[3] - box[1])
             # Centred on the long axis; the padding stays 0 in normalized space.
             top = (side - height) // 2 if width > height else 0
             left = (side - width) // 2 if height > width else 0
