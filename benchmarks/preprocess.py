@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ovis2_xinf.preprocessing import Ovis2ImagePreprocessor, choose_grid, partition
+from ovis2_xinf.preprocessing import Ovis2ImagePreprocessor
 
 SIZES = [(640, 480), (1920, 1080), (4000, 3000)]
 PARTITIONS = [1, 4, 9]
@@ -22,19 +22,15 @@ PARTITIONS = [1, 4, 9]
 
 def pillow_baseline(pre: Ovis2ImagePreprocessor, image: Image.Image, max_partition: int) -> np.ndarray:
     side = pre.side
-    grid = choose_grid(image.width, image.height, side, max_partition)
-    crops = [image.crop(box) for box in partition(image.width, image.height, grid)]
-    if len(crops) > 1:
-        crops.insert(0, image)
+    _, boxes = pre.boxes(image.width, image.height, max_partition)
+    crops = [image.crop(box) for box in boxes]
     # Every uint8 level normalizes to one float32 per channel: a 256 x 3 lookup table.
     levels = np.arange(256, dtype=np.float64)[:, None] * pre.rescale_factor
     table = ((levels.astype(np.float32) - pre.mean) / pre.std).astype(np.float32)
     values = np.zeros((len(crops), 3, side, side), dtype=np.float32)
     for index, crop in enumerate(crops):
-        width, height = pre.resized_size(*crop.size)
+        width, height, top, left = pre.placement(*crop.size)
         pixels = np.asarray(crop.resize((width, height), Image.Resampling.BICUBIC))
-        top = (side - height) // 2 if width > height else 0
-        left = (side - width) // 2 if height > width else 0
         for channel in range(3):
             np.take(table[:, channel], pixels[:, :, channel],
                     out=values[index, channel, top: top + height, left: left + width])

@@ -131,30 +131,34 @@ class Ovis2ImagePreprocessor:
             raise ValueError(f"{config_path}: not valid JSON: {exc}") from None
         return cls(config)
 
-    def resized_size(self, width: int, height: int) -> Tuple[int, int]:
-        """Size a crop is resized to: its long side becomes the crop side, aspect kept."""
+    def boxes(self, width: int, height: int, max_partition: int) -> Tuple[Grid, List[Box]]:
+        """The grid and the boxes to resize: the whole image first when there are several crops."""
+        grid = choose_grid(width, height, self.side, max_partition)
+        boxes = partition(width, height, grid)
+        if len(boxes) > 1:
+            boxes.insert(0, (0, 0, width, height))
+        return grid, boxes
+
+    def placement(self, width: int, height: int) -> Tuple[int, int, int, int]:
+        """(width, height, top, left) of a crop in its square: the long side becomes the crop
+        side, aspect kept, centred on the long axis; the padding stays 0 in normalized space."""
         side = self.side
         if width == height:
-            return side, side
+            return side, side, 0, 0
         if width > height:
-            return side, int(height / width * side)
-        return int(width / height * side), side
+            new_height = int(height / width * side)
+            return side, new_height, (side - new_height) // 2, 0
+        new_width = int(width / height * side)
+        return new_width, side, 0, (side - new_width) // 2
 
     def __call__(self, image: Image.Image, max_partition: int) -> ProcessedImage:
         if image.mode != "RGB":
             image = image.convert("RGB")
-        grid = choose_grid(image.width, image.height, self.side, max_partition)
-        boxes = partition(image.width, image.height, grid)
-        if len(boxes) > 1:
-            boxes.insert(0, (0, 0, image.width, image.height))
+        grid, boxes = self.boxes(image.width, image.height, max_partition)
         source = PixelSource(image)
-        side = self.side
-        values = np.zeros((len(boxes), 3, side, side), dtype=np.float32)
+        values = np.zeros((len(boxes), 3, self.side, self.side), dtype=np.float32)
         for index, box in enumerate(boxes):
-            width, height = self.resized_size(box[2] - box[0], box[3] - box[1])
-            # Centred on the long axis; the padding stays 0 in normalized space.
-            top = (side - height) // 2 if width > height else 0
-            left = (side - width) // 2 if height > width else 0
+            width, height, top, left = self.placement(box[2] - box[0], box[3] - box[1])
             source.resize_normalized(box, (width, height), self.rescale_factor, self.mean, self.std,
                                      values[index], top, left)
         return ProcessedImage(torch.from_numpy(values), grid, placeholder_layout(grid))
@@ -162,8 +166,8 @@ class Ovis2ImagePreprocessor:
     def warm_up(self) -> None:
         """Compile the resizing kernels now (seconds the first time, cached on disk after).
 
-        A tall and a wide image take both of Pillow's pass orders, so no image request
-        pays for compilation.
+        numba compiles a whole kernel, every branch, for the argument types of its first
+        call, and ``PixelSource`` always passes the same types: one image compiles all of it,
+        so no image request pays for compilation.
         """
         self(Image.new("RGB", (self.side, self.side * 3)), 3)
-        self(Image.new("RGB", (self.side * 3, self.side)), 3)

@@ -190,8 +190,8 @@ def _resize(rows: np.ndarray, columns: np.ndarray, box: np.ndarray, out_width: i
     _write_normalized(stage, False, scale, mean, std, out, top, left)
 
 
-# Stands in for the array a resize does not read. Read-only like the arrays Pillow hands
-# out, so that ``_resize`` is compiled for one signature only.
+# Stands in for the array a resize does not read. Read-only like every array
+# ``PixelSource`` passes, so that ``_resize`` is compiled for one signature only.
 _NO_PIXELS = np.empty((0, 0), np.uint8)
 _NO_PIXELS.setflags(write=False)
 
@@ -213,7 +213,9 @@ class PixelSource:
 
     @staticmethod
     def _as_rows(image: Image.Image) -> np.ndarray:
-        return np.asarray(image).reshape(image.height, image.width * CHANNELS)
+        rows = np.asarray(image).reshape(image.height, image.width * CHANNELS)
+        rows.setflags(write=False)  # numba types read-only arrays apart: keep one signature
+        return rows
 
     def resize_normalized(self, box: Tuple[int, int, int, int], size: Tuple[int, int], scale: float,
                           mean: np.ndarray, std: np.ndarray, out: np.ndarray, top: int, left: int) -> None:
