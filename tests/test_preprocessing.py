@@ -62,6 +62,11 @@ def test_non_square_crop_config_is_refused():
         Ovis2ImagePreprocessor({"crop_size": {"height": 448, "width": 336}})
 
 
+def test_a_filter_other_than_bicubic_is_refused_by_name():
+    with pytest.raises(ValueError, match=r"preprocessor_config.json: resample 2 is not bicubic \(3\)"):
+        Ovis2ImagePreprocessor({"crop_size": {"height": 448, "width": 448}, "resample": 2})
+
+
 WARM_UP_CHECK = r"""
 import numpy as np
 from PIL import Image
