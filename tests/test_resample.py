@@ -95,3 +95,24 @@ def test_coefficients_sum_to_one():
 def test_rejects_non_rgb_images():
     with pytest.raises(ValueError, match="mode RGBA"):
         PixelSource(Image.new("RGBA", (4, 4)))
+
+
+@pytest.mark.parametrize("box,size,top,left", [((0, 0, 300, 100), (60, 20), 5, 3),    # horizontal first
+                                               ((0, 0, 30, 400), (12, 40), 2, 9)])   # vertical first
+def test_writes_the_whole_output_padding_zero(box, size, top, left):
+    # The caller hands in uninitialized memory: every value outside the resized box must be written as 0.
+    rng = np.random.default_rng(7)
+    pixels = rng.integers(0, 256, (box[3], box[2], 3), dtype=np.uint8)
+    out = np.full((3, 50, 80), np.nan, np.float32)
+    PixelSource(Image.fromarray(pixels)).resize_normalized(box, size, 1.0, IDENTITY_MEAN, IDENTITY_STD, out, top, left)
+    inside = out[:, top: top + size[1], left: left + size[0]]
+    np.testing.assert_array_equal(inside.transpose(1, 2, 0).astype(np.uint8), _pillow(pixels, box, size))
+    inside[:] = 0
+    assert not np.isnan(out).any() and not out.any()
+
+
+def test_an_unchanged_axis_is_one_unit_tap():
+    # Zero taps are dropped, so keeping a size costs one multiply per byte and returns it unchanged.
+    taps, bounds = coefficients(37, 37)
+    assert (bounds[:, 1] == 1).all() and (bounds[:, 0] == np.arange(37)).all()
+    assert (taps[:, 0] == 1 << 22).all()

@@ -156,7 +156,8 @@ class Ovis2ImagePreprocessor:
             image = image.convert("RGB")
         grid, boxes = self.boxes(image.width, image.height, max_partition)
         source = PixelSource(image)
-        values = np.zeros((len(boxes), 3, self.side, self.side), dtype=np.float32)
+        # Not zeroed: each crop's resize writes its whole square, padding included.
+        values = np.empty((len(boxes), 3, self.side, self.side), dtype=np.float32)
         for index, box in enumerate(boxes):
             width, height, top, left = self.placement(box[2] - box[0], box[3] - box[1])
             source.resize_normalized(box, (width, height), self.rescale_factor, self.mean, self.std,
