@@ -12,17 +12,16 @@ the width, which changes such images by a few levels in places (a 333x1201 noise
 resized to 124x448: 18% of the bytes, at most 3 levels), and the references were made with
 that order.
 
-Images are handled as 2-D ``uint8`` arrays whose rows hold interleaved RGB triples. Each
-pass resamples along the first axis, so its inner loop runs over a contiguous row; the
-other direction is reached by transposing ("columns" = the image transposed, one row per
-pixel column). The second pass runs on one plane per channel, so that it writes normalized
-floats straight into the planar model input, padding included.
+Images are handled as 2-D ``uint8`` arrays whose rows hold interleaved RGB triples. The
+vertical pass runs down the rows as they are; the horizontal pass transposes bands of rows
+into a small buffer first, so that both inner loops run over contiguous memory. The last
+pass writes normalized floats straight into the planar model input, padding included.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Tuple
 
 import numpy as np
 from numba import njit
@@ -32,7 +31,7 @@ PRECISION_BITS = 22  # Pillow's 32 - 8 - 2 for 8-bit images
 _HALF = 1 << (PRECISION_BITS - 1)
 _ONE = float(1 << PRECISION_BITS)
 CHANNELS = 3
-_TILE = 64  # pixels per side of the tiles transposes work in (64 x 64 x 3 bytes fit the L1 cache)
+_TILE = 64  # rows per band of the horizontal pass (a band of a 4000 px wide image: 768 KB, in L2)
 
 
 @njit(cache=True, nogil=True)
@@ -92,6 +91,19 @@ def coefficients(in_size: int, out_size: int) -> Tuple[np.ndarray, np.ndarray]:
 
 
 @njit(cache=True, nogil=True)
+def _accumulate(acc: np.ndarray, lines: np.ndarray, lo: int, col0: int, width: int, taps: np.ndarray,
+                count: int) -> None:
+    """acc[:width] = rounding half + sum over t < count of taps[t] * lines[lo + t, col0:col0 + width]."""
+    for j in range(width):
+        acc[j] = _HALF
+    for t in range(count):
+        k = taps[t]
+        line = lines[lo + t]
+        for j in range(width):
+            acc[j] += np.int32(line[col0 + j]) * k
+
+
+@njit(cache=True, nogil=True)
 def _resample_rows(src: np.ndarray, row_shift: int, col0: int, width: int, taps: np.ndarray,
                    bounds: np.ndarray) -> np.ndarray:
     """One pass along axis 0 over ``src[:, col0:col0 + width]``; input index i is row i + row_shift.
@@ -103,13 +115,7 @@ def _resample_rows(src: np.ndarray, row_shift: int, col0: int, width: int, taps:
     out = np.empty((out_len, width), np.uint8)
     acc = np.empty(width, np.int32)
     for o in range(out_len):
-        acc[:] = _HALF
-        lo = bounds[o, 0] + row_shift
-        for t in range(bounds[o, 1]):
-            k = taps[o, t]
-            line = src[lo + t, col0: col0 + width]
-            for j in range(width):
-                acc[j] += np.int32(line[j]) * k
+        _accumulate(acc, src, bounds[o, 0] + row_shift, col0, width, taps[o], bounds[o, 1])
         row = out[o]
         for j in range(width):
             v = acc[j] >> PRECISION_BITS
@@ -118,18 +124,44 @@ def _resample_rows(src: np.ndarray, row_shift: int, col0: int, width: int, taps:
 
 
 @njit(cache=True, nogil=True)
-def _interleaved_columns(stage: np.ndarray) -> np.ndarray:
-    """(rows, cols * 3) -> (cols, rows * 3): swap the pixel axes, keeping each RGB triple."""
-    rows = stage.shape[0]
-    cols = stage.shape[1] // CHANNELS
-    out = np.empty((cols, rows * CHANNELS), np.uint8)
-    for r0 in range(0, rows, _TILE):
-        r1 = min(r0 + _TILE, rows)
-        for col in range(cols):
-            dst = out[col]
-            for r in range(r0, r1):
-                for c in range(CHANNELS):
-                    dst[r * CHANNELS + c] = stage[r, col * CHANNELS + c]
+def _resample_across(src: np.ndarray, row0: int, nrows: int, col0: int, taps: np.ndarray,
+                     bounds: np.ndarray) -> np.ndarray:
+    """One pass along the pixel columns of ``src[row0:row0 + nrows]``; input index i is column col0 + i.
+
+    Works on bands of ``_TILE`` rows: a band's pixels are transposed into a buffer that stays
+    in cache, so the multiply-adds run along contiguous memory (across the band's rows) and
+    vectorize, and each result goes straight back into row order. No transposed copy of the
+    whole image is ever made.
+    """
+    out_len = taps.shape[0]
+    first = bounds[0, 0]
+    last = bounds[out_len - 1, 0] + bounds[out_len - 1, 1]
+    out = np.empty((nrows, out_len * CHANNELS), np.uint8)
+    band = np.empty((last - first, _TILE * CHANNELS), np.uint8)
+    acc = np.empty(_TILE * CHANNELS, np.int32)
+    result = np.empty(_TILE * CHANNELS, np.uint8)
+    for r0 in range(0, nrows, _TILE):
+        count = min(_TILE, nrows - r0)
+        width = count * CHANNELS
+        for col in range(first, last):
+            dst = band[col - first]
+            x = (col0 + col) * CHANNELS
+            for r in range(count):
+                line = src[row0 + r0 + r]
+                dst[r * CHANNELS] = line[x]
+                dst[r * CHANNELS + 1] = line[x + 1]
+                dst[r * CHANNELS + 2] = line[x + 2]
+        for o in range(out_len):
+            _accumulate(acc, band, bounds[o, 0] - first, 0, width, taps[o], bounds[o, 1])
+            for j in range(width):
+                v = acc[j] >> PRECISION_BITS
+                result[j] = 0 if v < 0 else (255 if v > 255 else v)
+            x = o * CHANNELS
+            for r in range(count):
+                row = out[r0 + r]
+                row[x] = result[r * CHANNELS]
+                row[x + 1] = result[r * CHANNELS + 1]
+                row[x + 2] = result[r * CHANNELS + 2]
     return out
 
 
@@ -153,14 +185,7 @@ def _resample_rows_normalized(src: np.ndarray, row_shift: int, taps: np.ndarray,
     m0, m1, m2 = mean[0], mean[1], mean[2]
     s0, s1, s2 = std[0], std[1], std[2]
     for o in range(out_len):
-        for j in range(width * CHANNELS):
-            acc[j] = _HALF
-        lo = bounds[o, 0] + row_shift
-        for t in range(bounds[o, 1]):
-            k = taps[o, t]
-            line = src[lo + t]
-            for j in range(width * CHANNELS):
-                acc[j] += np.int32(line[j]) * k
+        _accumulate(acc, src, bounds[o, 0] + row_shift, 0, width * CHANNELS, taps[o], bounds[o, 1])
         red = out[0, top + o, left: left + width]
         green = out[1, top + o, left: left + width]
         blue = out[2, top + o, left: left + width]
@@ -179,9 +204,8 @@ def vertical_first(width: int, height: int, out_width: int, out_height: int) -> 
 
 
 @njit(cache=True, nogil=True)
-def _resize(rows: np.ndarray, columns: np.ndarray, box: np.ndarray, out_width: int, out_height: int,
-            v_first: bool, scale: float, mean: np.ndarray, std: np.ndarray, out: np.ndarray,
-            top: int, left: int) -> None:
+def _resize(rows: np.ndarray, box: np.ndarray, out_width: int, out_height: int, v_first: bool, scale: float,
+            mean: np.ndarray, std: np.ndarray, out: np.ndarray, top: int, left: int) -> None:
     x0, y0, x1, y1 = box[0], box[1], box[2], box[3]
     h_taps, h_bounds = coefficients(x1 - x0, out_width)
     v_taps, v_bounds = coefficients(y1 - y0, out_height)
@@ -189,44 +213,28 @@ def _resize(rows: np.ndarray, columns: np.ndarray, box: np.ndarray, out_width: i
     # which gives back every byte, as Pillow's skipped pass would.
     if v_first:
         stage = _resample_rows(rows, y0, x0 * CHANNELS, (x1 - x0) * CHANNELS, v_taps, v_bounds)
-        stage = _resample_rows(_interleaved_columns(stage), 0, 0, out_height * CHANNELS, h_taps, h_bounds)
+        stage = _resample_across(stage, 0, out_height, 0, h_taps, h_bounds)
         same_taps, same_bounds = coefficients(out_height, out_height)
-        _resample_rows_normalized(_interleaved_columns(stage), 0, same_taps, same_bounds, scale, mean, std,
-                                  out, top, left)
+        _resample_rows_normalized(stage, 0, same_taps, same_bounds, scale, mean, std, out, top, left)
         return
-    # Along the rows first (on the transposed image), only over the rows the vertical pass reads.
+    # Horizontal first, only over the rows the vertical pass reads.
     first = v_bounds[0, 0]
     last = v_bounds[out_height - 1, 0] + v_bounds[out_height - 1, 1]
-    stage = _resample_rows(columns, x0, (y0 + first) * CHANNELS, (last - first) * CHANNELS, h_taps, h_bounds)
-    _resample_rows_normalized(_interleaved_columns(stage), -first, v_taps, v_bounds, scale, mean, std,
-                              out, top, left)
-
-
-# Stands in for the array a resize does not read. Read-only like every array
-# ``PixelSource`` passes, so that ``_resize`` is compiled for one signature only.
-_NO_PIXELS = np.empty((0, 0), np.uint8)
-_NO_PIXELS.setflags(write=False)
+    stage = _resample_across(rows, y0 + first, last - first, x0, h_taps, h_bounds)
+    _resample_rows_normalized(stage, -first, v_taps, v_bounds, scale, mean, std, out, top, left)
 
 
 class PixelSource:
     """One decoded RGB image, ready to resize any of its boxes.
 
-    Its pixel rows are taken from Pillow once per image, and the transposed image that
-    horizontal-first passes read is built from them on first need; both are shared by the
-    whole image and its crops. (Transposing here is about twice as fast as Pillow's
-    transpose followed by a second copy out of Pillow.)
+    Its pixel rows are copied out of Pillow once and shared by the whole image and its crops.
     """
 
     def __init__(self, image: Image.Image):
         if image.mode != "RGB":
             raise ValueError(f"expected an RGB image, got mode {image.mode}")
-        self._rows = self._read_only(np.asarray(image).reshape(image.height, image.width * CHANNELS))
-        self._columns: Optional[np.ndarray] = None
-
-    @staticmethod
-    def _read_only(pixels: np.ndarray) -> np.ndarray:
-        pixels.setflags(write=False)  # numba types read-only arrays apart: keep one signature
-        return pixels
+        self._rows = np.asarray(image).reshape(image.height, image.width * CHANNELS)
+        self._rows.setflags(write=False)  # numba types read-only arrays apart: keep one signature
 
     def resize_normalized(self, box: Tuple[int, int, int, int], size: Tuple[int, int], scale: float,
                           mean: np.ndarray, std: np.ndarray, out: np.ndarray, top: int, left: int) -> None:
@@ -237,8 +245,5 @@ class PixelSource:
         x0, y0, x1, y1 = box
         out_width, out_height = size
         v_first = vertical_first(x1 - x0, y1 - y0, out_width, out_height)
-        if not v_first and self._columns is None:
-            self._columns = self._read_only(_interleaved_columns(self._rows))
-        columns = self._columns if self._columns is not None else _NO_PIXELS
-        _resize(self._rows, columns, np.asarray(box, np.int64), out_width, out_height, v_first,
+        _resize(self._rows, np.asarray(box, np.int64), out_width, out_height, v_first,
                 scale, mean, std, out, top, left)
