@@ -98,9 +98,9 @@ def _accumulate(acc: np.ndarray, lines: np.ndarray, lo: int, col0: int, width: i
         acc[j] = _HALF
     for t in range(count):
         k = taps[t]
-        line = lines[lo + t]
+        line = lines[lo + t, col0: col0 + width]  # a slice: indexing it with j alone keeps the loop vectorized
         for j in range(width):
-            acc[j] += np.int32(line[col0 + j]) * k
+            acc[j] += np.int32(line[j]) * k
 
 
 @njit(cache=True, nogil=True)
