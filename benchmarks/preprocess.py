@@ -16,7 +16,8 @@ from PIL import Image
 
 from ovis2_xinf.preprocessing import Ovis2ImagePreprocessor
 
-SIZES = [(640, 480), (1920, 1080), (4000, 3000)]
+# Typical photos, and a phone screenshot: its whole-image resize runs the vertical pass first.
+SIZES = [(640, 480), (1920, 1080), (4000, 3000), (1080, 2400)]
 PARTITIONS = [1, 4, 9]
 
 
