@@ -198,20 +198,21 @@ def _resample_rows_normalized(src: np.ndarray, row_shift: int, taps: np.ndarray,
             blue[x] = (np.float32(b * scale) - m2) / s2
 
 
+@njit(cache=True, nogil=True)
 def vertical_first(width: int, height: int, out_width: int, out_height: int) -> bool:
     """Pillow 13's pass order: vertical first when the height shrinks over twice as much."""
     return height - out_height > 0 and height - out_height > (width - out_width) * 2
 
 
 @njit(cache=True, nogil=True)
-def _resize(rows: np.ndarray, box: np.ndarray, out_width: int, out_height: int, v_first: bool, scale: float,
+def _resize(rows: np.ndarray, box: np.ndarray, out_width: int, out_height: int, scale: float,
             mean: np.ndarray, std: np.ndarray, out: np.ndarray, top: int, left: int) -> None:
     x0, y0, x1, y1 = box[0], box[1], box[2], box[3]
     h_taps, h_bounds = coefficients(x1 - x0, out_width)
     v_taps, v_bounds = coefficients(y1 - y0, out_height)
     # An axis that keeps its size still gets a pass: its one tap is then 1.0 in fixed point,
     # which gives back every byte, as Pillow's skipped pass would.
-    if v_first:
+    if vertical_first(x1 - x0, y1 - y0, out_width, out_height):
         stage = _resample_rows(rows, y0, x0 * CHANNELS, (x1 - x0) * CHANNELS, v_taps, v_bounds)
         stage = _resample_across(stage, 0, out_height, 0, h_taps, h_bounds)
         same_taps, same_bounds = coefficients(out_height, out_height)
@@ -242,8 +243,5 @@ class PixelSource:
 
         All of ``out`` (3, H, W) is written: what lies around the resized pixels becomes 0.
         """
-        x0, y0, x1, y1 = box
         out_width, out_height = size
-        v_first = vertical_first(x1 - x0, y1 - y0, out_width, out_height)
-        _resize(self._rows, np.asarray(box, np.int64), out_width, out_height, v_first,
-                scale, mean, std, out, top, left)
+        _resize(self._rows, np.asarray(box, np.int64), out_width, out_height, scale, mean, std, out, top, left)
