@@ -104,6 +104,13 @@ def _accumulate(acc: np.ndarray, lines: np.ndarray, lo: int, col0: int, width: i
 
 
 @njit(cache=True, nogil=True)
+def _byte(total: int) -> int:
+    """An accumulated sum back to an 8-bit level: drop the fraction bits, clamp to 0..255."""
+    v = total >> PRECISION_BITS
+    return 0 if v < 0 else (255 if v > 255 else v)
+
+
+@njit(cache=True, nogil=True)
 def _resample_rows(src: np.ndarray, row_shift: int, col0: int, width: int, taps: np.ndarray,
                    bounds: np.ndarray) -> np.ndarray:
     """One pass along axis 0 over ``src[:, col0:col0 + width]``; input index i is row i + row_shift.
@@ -118,8 +125,7 @@ def _resample_rows(src: np.ndarray, row_shift: int, col0: int, width: int, taps:
         _accumulate(acc, src, bounds[o, 0] + row_shift, col0, width, taps[o], bounds[o, 1])
         row = out[o]
         for j in range(width):
-            v = acc[j] >> PRECISION_BITS
-            row[j] = 0 if v < 0 else (255 if v > 255 else v)
+            row[j] = _byte(acc[j])
     return out
 
 
@@ -154,8 +160,7 @@ def _resample_across(src: np.ndarray, row0: int, nrows: int, col0: int, taps: np
         for o in range(out_len):
             _accumulate(acc, band, bounds[o, 0] - first, 0, width, taps[o], bounds[o, 1])
             for j in range(width):
-                v = acc[j] >> PRECISION_BITS
-                result[j] = 0 if v < 0 else (255 if v > 255 else v)
+                result[j] = _byte(acc[j])
             x = o * CHANNELS
             for r in range(count):
                 row = out[r0 + r]
@@ -190,12 +195,9 @@ def _resample_rows_normalized(src: np.ndarray, row_shift: int, taps: np.ndarray,
         green = out[1, top + o, left: left + width]
         blue = out[2, top + o, left: left + width]
         for x in range(width):
-            r = min(max(acc[x * CHANNELS] >> PRECISION_BITS, 0), 255)
-            g = min(max(acc[x * CHANNELS + 1] >> PRECISION_BITS, 0), 255)
-            b = min(max(acc[x * CHANNELS + 2] >> PRECISION_BITS, 0), 255)
-            red[x] = (np.float32(r * scale) - m0) / s0
-            green[x] = (np.float32(g * scale) - m1) / s1
-            blue[x] = (np.float32(b * scale) - m2) / s2
+            red[x] = (np.float32(_byte(acc[x * CHANNELS]) * scale) - m0) / s0
+            green[x] = (np.float32(_byte(acc[x * CHANNELS + 1]) * scale) - m1) / s1
+            blue[x] = (np.float32(_byte(acc[x * CHANNELS + 2]) * scale) - m2) / s2
 
 
 @njit(cache=True, nogil=True)
