@@ -22,6 +22,9 @@ from ovis2_xinf.prompt import encode
 LIMITS = MediaLimits(max_image_pixels=4_000_000, max_images=4, video_frames=2, max_video_frames=4)
 TOKENIZER = load_tokenizer(TINY)
 PREPROCESSOR = Ovis2ImagePreprocessor.from_pretrained(TINY)
+# As a model load does: the deadlines below are about each message, not numba's one-time compile
+# (the first image otherwise took 8.3 s in a fresh clone's test run).
+PREPROCESSOR.warm_up()
 PLACEHOLDERS = PlaceholderIds.after_tokenizer(547, 576)
 
 
