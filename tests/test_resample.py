@@ -12,7 +12,7 @@ import PIL
 import pytest
 from PIL import Image
 
-from ovis2_xinf.resample import PixelSource, coefficients, vertical_first
+from ovis2_xinf.resample import PixelSource, coefficients, pixel_rows, vertical_first
 
 
 def test_oracle_is_pillow_13():
@@ -116,3 +116,34 @@ def test_an_unchanged_axis_is_one_unit_tap():
     taps, bounds = coefficients(37, 37)
     assert (bounds[:, 1] == 1).all() and (bounds[:, 0] == np.arange(37)).all()
     assert (taps[:, 0] == 1 << 22).all()
+
+
+def test_pixel_rows_are_pillows_own_memory():
+    # The pixels are read where Pillow keeps them, no copy: a change to the image shows in the rows.
+    rng = np.random.default_rng(3)
+    pixels = rng.integers(0, 256, (120, 160, 3), dtype=np.uint8)
+    image = Image.fromarray(pixels)
+    rows = pixel_rows(image)
+    assert rows.shape == (120, 160 * 4) and not rows.flags.writeable
+    np.testing.assert_array_equal(rows.reshape(120, 160, 4)[..., :3], pixels)
+    image.putpixel((5, 7), (1, 2, 3))
+    assert tuple(rows[7, 20:23]) == (1, 2, 3)
+
+
+def test_pixel_rows_outlive_the_image():
+    # The exported rows hold Pillow's memory: images made after the first is dropped must not reuse it.
+    pixels = np.random.default_rng(4).integers(0, 256, (300, 400, 3), dtype=np.uint8)
+    rows = pixel_rows(Image.fromarray(pixels))
+    others = [Image.new("RGB", (400, 300), (9, 9, 9)) for _ in range(4)]
+    np.testing.assert_array_equal(rows.reshape(300, 400, 4)[..., :3], pixels)
+    assert len(others) == 4
+
+
+def test_pixel_rows_of_an_image_over_one_memory_block():
+    # 2100 x 2100 x 4 bytes is over Pillow's 16 MB block: Pillow refuses the export, the rows are a copy.
+    pixels = np.random.default_rng(5).integers(0, 256, (2100, 2100, 3), dtype=np.uint8)
+    image = Image.fromarray(pixels)
+    rows = pixel_rows(image)
+    np.testing.assert_array_equal(rows.reshape(2100, 2100, 4)[..., :3], pixels)
+    image.putpixel((0, 0), tuple(int(v) for v in 255 - pixels[0, 0]))
+    assert not rows.flags.writeable and tuple(rows[0, :3]) == tuple(pixels[0, 0])
