@@ -11,7 +11,7 @@ from PIL import Image
 from conftest import CASES_DIR, TINY, run_golden_case
 from ovis2_xinf.checkpoint import tokens_per_crop
 from ovis2_xinf.preprocessing import Ovis2ImagePreprocessor
-from ovis2_xinf.prompt import Turn, encode, original_ids
+from ovis2_xinf.prompt import IMAGE_MARKER, Turn, encode, original_ids
 
 CASE_NAMES = sorted(json.loads((CASES_DIR / "cases.json").read_text())["cases"])
 
@@ -37,6 +37,17 @@ def test_pixel_values_equal(tiny_model, cases, reference_tensors, name):
     reference = reference_tensors[f"{name}.pixel_values"]
     assert encoded.pixel_values.shape == reference.shape
     torch.testing.assert_close(encoded.pixel_values, reference, atol=1e-6, rtol=0)
+
+
+def test_pixel_values_of_one_image_are_not_copied_again(tiny_model):
+    # A photo's crops at max_partition 9 are 21 MiB: one image goes to the model as preprocessed.
+    pre = Ovis2ImagePreprocessor.from_pretrained(TINY)
+    images = [pre(Image.open(CASES_DIR / "images" / name), 9) for name in ("square.png", "tall.png")]
+    placeholders, per_crop = tiny_model.placeholders, tokens_per_crop(tiny_model.model.config)
+    one = encode(tiny_model.tokenizer, [Turn("human", IMAGE_MARKER + "hi")], images[:1], placeholders, per_crop)
+    assert one.pixel_values.data_ptr() == images[0].pixel_values.data_ptr()
+    two = encode(tiny_model.tokenizer, [Turn("human", IMAGE_MARKER * 2 + "hi")], images, placeholders, per_crop)
+    torch.testing.assert_close(two.pixel_values, torch.cat([im.pixel_values for im in images]), atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("name", CASE_NAMES)
