@@ -140,10 +140,26 @@ def test_pixel_rows_outlive_the_image():
 
 
 def test_pixel_rows_of_an_image_over_one_memory_block():
-    # 2100 x 2100 x 4 bytes is over Pillow's 16 MB block: Pillow refuses the export, the rows are a copy.
+    # 2100 x 2100 x 4 bytes is over Pillow's 16 MB block: Pillow refuses the export, the rows are a
+    # copy, made of strips that each export.
     pixels = np.random.default_rng(5).integers(0, 256, (2100, 2100, 3), dtype=np.uint8)
     image = Image.fromarray(pixels)
     rows = pixel_rows(image)
     np.testing.assert_array_equal(rows.reshape(2100, 2100, 4)[..., :3], pixels)
     image.putpixel((0, 0), tuple(int(v) for v in 255 - pixels[0, 0]))
     assert not rows.flags.writeable and tuple(rows[0, :3]) == tuple(pixels[0, 0])
+
+
+def test_pixel_rows_when_a_strip_is_over_one_block():
+    # PILLOW_BLOCK_SIZE can make blocks smaller than a strip: the strips are then repacked by Pillow.
+    previous = Image.core.get_block_size()
+    Image.core.set_block_size(1 << 16)
+    try:
+        pixels = np.random.default_rng(6).integers(0, 256, (200, 300, 3), dtype=np.uint8)
+        image = Image.fromarray(pixels)
+        with pytest.raises(ValueError):
+            image.__arrow_c_array__()
+        rows = pixel_rows(image)
+    finally:
+        Image.core.set_block_size(previous)
+    np.testing.assert_array_equal(rows.reshape(200, 300, 4)[..., :3], pixels)
