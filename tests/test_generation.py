@@ -7,10 +7,12 @@ import time
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from conftest import TINY
 from ovis2_xinf.errors import Ovis2LimitError, Ovis2RequestError
-from ovis2_xinf.generation import GenerationGate, plan_sampling, stream_text, stream_tokens
+from ovis2_xinf.generation import GenerationGate, IncrementalText, plan_sampling, stream_text, stream_tokens
 from ovis2_xinf.loader import load_tokenizer
 
 CHECKPOINT_DEFAULTS = {"do_sample": True, "temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.05}
@@ -104,6 +106,58 @@ def test_one_event_per_batch(tokenizer):
 def test_held_back_prefix_is_flushed_when_it_is_not_a_stop(tokenizer):
     text, reason, _ = _run(tokenizer, "one ST", {"stop": ["STOP"]}, eos_at_end=True)
     assert text == "one ST" and reason == "stop"
+
+
+def _one_decode(tokenizer, ids, stops):
+    """What a stream must add up to: one decode of the tokens before eos, cut at the first stop string."""
+    end = next((i for i, token in enumerate(ids) if token in EOS), len(ids))
+    text = tokenizer.decode(ids[:end], skip_special_tokens=True)
+    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+    if cut >= 0:
+        return text[:cut], "stop"
+    return text, "stop" if end < len(ids) else "length"
+
+
+@settings(max_examples=300, deadline=None)
+@given(ids=st.lists(st.integers(0, 546), max_size=40), sizes=st.lists(st.integers(1, 6), min_size=1, max_size=40),
+       stops=st.lists(st.sampled_from(["STOP", "e", " th", "\u4f60", "\n\n"]), max_size=2))
+def test_streamed_text_is_one_decode_of_the_answer(tokenizer, ids, sizes, stops):
+    # Random ids from the byte-level vocabulary split UTF-8 sequences anywhere; the incremental
+    # decode must still add up to one decode of the whole answer, for any split into batches.
+    batches, position = [], 0
+    while position < len(ids):
+        size = sizes[len(batches) % len(sizes)]
+        batches.append(ids[position: position + size])
+        position += size
+    events = list(stream_text(iter(batches), tokenizer, plan({"stop": stops}), EOS))
+    assert ("".join(e.text for e in events), events[-1].finish_reason) == _one_decode(tokenizer, ids, stops)
+
+
+def test_a_stop_string_before_an_unfinished_character_is_cut(tokenizer):
+    # The answer ends (length) with the stop string followed by half a UTF-8 character.
+    ids = tokenizer("one STOP", add_special_tokens=False).input_ids + tokenizer("\u4f60", add_special_tokens=False).input_ids[:1]
+    assert tokenizer.decode(ids).endswith("STOP\ufffd")
+    for batches in ([[i] for i in ids], [ids]):
+        events = list(stream_text(iter(batches), tokenizer, plan({"stop": ["STOP"]}), EOS))
+        assert "".join(e.text for e in events) == "one " and events[-1].finish_reason == "stop"
+
+
+def test_incremental_text_decodes_a_window_not_the_answer(tokenizer):
+    # Each call decodes only the ids since the text was last complete, whatever the answer's length.
+    lengths = []
+
+    class Counting:
+        def decode(self, ids, skip_special_tokens):
+            lengths.append(len(ids))
+            return tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    answer = IncrementalText(Counting())
+    pieces = []
+    for token in tokenizer("hello world " * 50, add_special_tokens=False).input_ids:
+        answer.ids.append(token)
+        pieces.append(answer.take())
+    assert "".join(pieces) == "hello world " * 50
+    assert max(lengths) <= 2
 
 
 def test_closing_the_token_stream_stops_generation(tiny_model, monkeypatch):
