@@ -1,6 +1,7 @@
 """``python -m benchmarks``: prints a table per section and writes one JSON file.
 
-Sections: ``preprocess``, ``memory``, ``serving`` (overhead, concurrency, load time).
+Sections: ``preprocess``, ``detokenize``, ``memory``, ``serving`` (overhead, concurrency,
+load time).
 ``--model tiny`` uses the bundled fixture (quick); ``--model 1b`` builds a random
 checkpoint with the real Ovis2-1B dimensions locally first (several GB, minutes).
 ``--smoke`` runs everything on the tiny fixture with the fewest repetitions: CI uses it
@@ -20,7 +21,7 @@ from typing import Any, Dict, List
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "src" / "ovis2_xinf" / "assets" / "tiny-ovis2"
 TINY_GPTQ = ROOT / "tests" / "fixtures" / "tiny-ovis2-gptq-int4"
-SECTIONS = ("preprocess", "memory", "serving")
+SECTIONS = ("preprocess", "detokenize", "memory", "serving")
 
 
 def _table(rows: List[Dict[str, Any]], columns: List[str]) -> str:
@@ -54,6 +55,15 @@ def run_preprocess(args) -> Dict[str, Any]:
                           sizes=[(640, 480)] if args.smoke else preprocess.SIZES)
     print(_table(rows, ["width", "height", "max_partition", "grid", "crops", "ms_median", "ms_min",
                         "pillow_ms_min", "speedup"]))
+    return {"rows": rows}
+
+
+def run_detokenize(args) -> Dict[str, Any]:
+    from . import detokenize
+
+    # The bundled tokenizer: the real-shape checkpoints are built with it too.
+    rows = detokenize.run(TINY, lengths=(64,) if args.smoke else detokenize.LENGTHS)
+    print(_table(rows, ["tokens", "stream_ms", "us_per_token", "one_decode_ms"]))
     return {"rows": rows}
 
 
@@ -156,6 +166,8 @@ def main(argv=None) -> int:
         print(f"\n== {section}", flush=True)
         if section == "preprocess":
             result["sections"][section] = run_preprocess(args)
+        elif section == "detokenize":
+            result["sections"][section] = run_detokenize(args)
         elif section == "memory":
             result["sections"][section] = run_memory(args, paths)
         else:
