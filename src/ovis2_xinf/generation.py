@@ -258,7 +258,9 @@ class IncrementalText:
     tokenizer, 0.8 ms at the end). Here each call decodes a window that starts where the text
     was last complete, so a long answer costs the same per token as a short one. Characters
     split across tokens (a byte-level BPE token can hold part of a UTF-8 sequence) are held
-    back until they are whole; the text is the same as one decode of all the tokens.
+    back until they are whole. With the byte-level BPE tokenizers of Ovis2 checkpoints (Qwen2.5's,
+    which do not clean up spaces between tokens) the text is the same as one decode of all the
+    tokens.
     """
 
     def __init__(self, tokenizer):
