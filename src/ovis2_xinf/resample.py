@@ -16,8 +16,8 @@ Images are handled as 2-D ``uint8`` arrays whose rows hold interleaved pixels of
 R, G, B and an unused fourth: the layout Pillow keeps RGB images in, so the pixels are read
 where Pillow decoded them, without a copy (Pillow's Arrow export). The vertical pass runs
 down the rows as they are; the horizontal pass transposes bands of rows into a small buffer
-first, so that both inner loops run over contiguous memory. The last
-pass writes normalized floats straight into the planar model input, padding included.
+first, so that both inner loops run over contiguous memory. The last pass writes normalized
+floats straight into the planar model input, padding included.
 """
 
 from __future__ import annotations
