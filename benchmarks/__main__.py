@@ -55,7 +55,11 @@ def run_preprocess(args) -> Dict[str, Any]:
                           sizes=[(640, 480)] if args.smoke else preprocess.SIZES)
     print(_table(rows, ["width", "height", "max_partition", "grid", "crops", "ms_median", "ms_min",
                         "pillow_ms_min", "speedup"]))
-    return {"rows": rows}
+    requests = preprocess.run_requests(repeats=2 if args.smoke else 10,
+                                       requests=[("2 photos", 2, (640, 480), 4)] if args.smoke else preprocess.REQUESTS)
+    print(_table(requests, ["request", "images", "size", "max_partition", "crops", "ms_min", "stacked_apart_ms_min",
+                            "speedup"]))
+    return {"rows": rows, "requests": requests}
 
 
 def run_detokenize(args) -> Dict[str, Any]:

@@ -19,6 +19,9 @@ from ovis2_xinf.preprocessing import Ovis2ImagePreprocessor
 # Typical photos, and a phone screenshot: its whole-image resize runs the vertical pass first.
 SIZES = [(640, 480), (1920, 1080), (4000, 3000), (1080, 2400)]
 PARTITIONS = [1, 4, 9]
+# Requests with several images, at the crop counts a request gets by default: 4 per image with
+# several images, 1 per video frame.
+REQUESTS = [("4 photos", 4, (1920, 1080), 4), ("video, 12 frames", 12, (1280, 720), 1)]
 
 
 def pillow_baseline(pre: Ovis2ImagePreprocessor, image: Image.Image, max_partition: int) -> np.ndarray:
@@ -64,4 +67,38 @@ def run(repeats: int = 10, sizes=SIZES, partitions=PARTITIONS) -> List[Dict[str,
                 "ms_min": float(np.min(ours)), "pillow_ms_min": float(np.min(baseline)),
                 "speedup": float(np.min(baseline) / np.min(ours)),
             })
+    return rows
+
+
+def run_requests(repeats: int = 10, requests=REQUESTS) -> List[Dict[str, Any]]:
+    """All images of a request preprocessed into one tensor, against each image alone and the
+    crops stacked afterwards (what serving did before): the same values, one copy fewer."""
+    torch.set_num_threads(1)
+    pre = Ovis2ImagePreprocessor({"crop_size": {"height": 448, "width": 448}})
+    pre.warm_up()
+    rng = np.random.default_rng(1)
+    rows = []
+    for name, count, (width, height), max_partition in requests:
+        images = [Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)) for _ in range(count)]
+
+        def separate() -> torch.Tensor:
+            return torch.cat([pre(image, max_partition).pixel_values for image in images])
+
+        batch = pre.batch(images, max_partition)
+        together = batch[0].pixel_values._base
+        if not torch.equal(together, separate()):
+            raise AssertionError(f"{name}: one tensor for the request differs from the images stacked apart")
+        ours, baseline = [], []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            pre.batch(images, max_partition)
+            ours.append((time.perf_counter() - start) * 1000)
+            start = time.perf_counter()
+            separate()
+            baseline.append((time.perf_counter() - start) * 1000)
+        rows.append({
+            "request": name, "images": count, "size": f"{width}x{height}", "max_partition": max_partition,
+            "crops": int(together.shape[0]), "ms_min": float(np.min(ours)), "stacked_apart_ms_min": float(np.min(baseline)),
+            "speedup": float(np.min(baseline) / np.min(ours)),
+        })
     return rows

@@ -45,7 +45,7 @@ def direct(path: Path, max_tokens: int, runs: int = 3) -> Dict[str, float]:
     loaded = load_model(path, torch.float32, "cpu")
     pre = Ovis2ImagePreprocessor(loaded.checkpoint.preprocessor)
     conversation = build_conversation(messages(0), MediaLimits())
-    images = [pre(im, conversation.max_partition) for im in conversation.images]
+    images = pre.batch(conversation.images, conversation.max_partition)
     encoded = encode(loaded.tokenizer, conversation.turns, images, loaded.placeholders, tokens_per_crop(loaded.model.config))
     plan = plan_sampling({"temperature": 0, "max_tokens": max_tokens, "ignore_eos": True}, {}, [], 0,
                          encoded.input_ids.shape[1], 32768)

@@ -67,7 +67,7 @@ def run_golden_case(loaded, name: str, device: str = "cpu"):
     golden = json.loads((CASES_DIR / "cases.json").read_text())
     case, generation = golden["cases"][name], golden["generation"]
     pre = Ovis2ImagePreprocessor(loaded.checkpoint.preprocessor)
-    images = [pre(Image.open(CASES_DIR / "images" / f), case["max_partition"]) for f in case["images"]]
+    images = pre.batch([Image.open(CASES_DIR / "images" / f) for f in case["images"]], case["max_partition"])
     encoded = encode(loaded.tokenizer, [Turn(t["from"], t["value"]) for t in case["conversation"]], images,
                      loaded.placeholders, tokens_per_crop(loaded.model.config))
     ids = encoded.input_ids.to(device)

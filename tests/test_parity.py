@@ -39,15 +39,28 @@ def test_pixel_values_equal(tiny_model, cases, reference_tensors, name):
     torch.testing.assert_close(encoded.pixel_values, reference, atol=1e-6, rtol=0)
 
 
-def test_pixel_values_of_one_image_are_not_copied_again(tiny_model):
-    # A photo's crops at max_partition 9 are 21 MiB: one image goes to the model as preprocessed.
+def test_pixel_values_of_a_batch_are_not_copied_again(tiny_model):
+    # A photo's crops at max_partition 9 are 21 MiB: the images of a request go to the model
+    # in the one tensor they were preprocessed into.
     pre = Ovis2ImagePreprocessor.from_pretrained(TINY)
-    images = [pre(Image.open(CASES_DIR / "images" / name), 9) for name in ("square.png", "tall.png")]
+    opened = [Image.open(CASES_DIR / "images" / name) for name in ("square.png", "tall.png", "wide.png")]
+    batch = pre.batch(opened, 9)
+    alone = [pre(image, 9) for image in opened]
+    for batched, single in zip(batch, alone):
+        assert batched.grid == single.grid and batched.layout == single.layout
+        torch.testing.assert_close(batched.pixel_values, single.pixel_values, atol=0, rtol=0)
     placeholders, per_crop = tiny_model.placeholders, tokens_per_crop(tiny_model.model.config)
-    one = encode(tiny_model.tokenizer, [Turn("human", IMAGE_MARKER + "hi")], images[:1], placeholders, per_crop)
-    assert one.pixel_values.data_ptr() == images[0].pixel_values.data_ptr()
-    two = encode(tiny_model.tokenizer, [Turn("human", IMAGE_MARKER * 2 + "hi")], images, placeholders, per_crop)
-    torch.testing.assert_close(two.pixel_values, torch.cat([im.pixel_values for im in images]), atol=0, rtol=0)
+    turns = [Turn("human", IMAGE_MARKER * 3 + "hi")]
+    together = encode(tiny_model.tokenizer, turns, batch, placeholders, per_crop)
+    assert together.pixel_values.data_ptr() == batch[0].pixel_values.data_ptr()
+    assert together.pixel_values.shape[0] == sum(im.pixel_values.shape[0] for im in batch)
+    one = encode(tiny_model.tokenizer, [Turn("human", IMAGE_MARKER + "hi")], alone[:1], placeholders, per_crop)
+    assert one.pixel_values.data_ptr() == alone[0].pixel_values.data_ptr()
+    # Images preprocessed apart, or a batch's images out of order, are stacked by copying.
+    for images in (alone, [batch[1], batch[0], batch[2]], batch[:2]):
+        turns = [Turn("human", IMAGE_MARKER * len(images) + "hi")]
+        stacked = encode(tiny_model.tokenizer, turns, images, placeholders, per_crop).pixel_values
+        torch.testing.assert_close(stacked, torch.cat([im.pixel_values for im in images]), atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("name", CASE_NAMES)

@@ -183,7 +183,7 @@ class Ovis2NativeChatModel(PytorchChatModel):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise Ovis2RequestError(f"{name}: must be a positive integer, got {value!r}")
         conversation = build_conversation(messages, self._limits, max_partition, video_frames)
-        processed = [self._preprocessor(image, conversation.max_partition) for image in conversation.images]
+        processed = self._preprocessor.batch(conversation.images, conversation.max_partition)
         encoded = encode(self._tokenizer, conversation.turns, processed, self._loaded.placeholders, self._tokens_per_crop)
         plan = plan_sampling(
             config,
