@@ -51,6 +51,16 @@ def test_wide_crop_is_padded_not_stretched():
     assert torch.all(rows[:21] == 0) and torch.all(rows[21:35] > 0) and torch.all(rows[35:] == 0)
 
 
+def test_a_sliver_keeps_one_pixel():
+    # A side that rounds down to 0 pixels made the original fail; here it keeps one column.
+    pre = Ovis2ImagePreprocessor.from_pretrained(TINY)
+    out = pre(Image.new("RGB", (1, 900), (255, 255, 255)), max_partition=9)
+    side = pre.side
+    nonzero = out.pixel_values.abs().sum(dim=(1, 2)) > 0  # (crops, width): columns holding pixels
+    assert nonzero.sum(dim=1).tolist() == [1] * out.pixel_values.shape[0]
+    assert nonzero[:, (side - 1) // 2].all()
+
+
 def test_rgba_and_grayscale_become_rgb():
     pre = Ovis2ImagePreprocessor.from_pretrained(TINY)
     assert pre(Image.new("RGBA", (30, 30)), 9).pixel_values.shape[1] == 3

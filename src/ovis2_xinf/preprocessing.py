@@ -141,14 +141,18 @@ class Ovis2ImagePreprocessor:
 
     def placement(self, width: int, height: int) -> Tuple[int, int, int, int]:
         """(width, height, top, left) of a crop in its square: the long side becomes the crop
-        side, aspect kept, centred on the long axis; the padding stays 0 in normalized space."""
+        side, aspect kept, centred on the long axis; the padding stays 0 in normalized space.
+
+        The short side keeps at least one pixel: the original rounds it down to 0 for a crop
+        over ``side`` times longer than wide (a 1x900 image) and then fails to resize it.
+        """
         side = self.side
         if width == height:
             return side, side, 0, 0
         if width > height:
-            new_height = int(height / width * side)
+            new_height = max(1, int(height / width * side))
             return side, new_height, (side - new_height) // 2, 0
-        new_width = int(width / height * side)
+        new_width = max(1, int(width / height * side))
         return new_width, side, 0, (side - new_width) // 2
 
     def __call__(self, image: Image.Image, max_partition: int) -> ProcessedImage:
