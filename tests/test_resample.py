@@ -12,7 +12,8 @@ import PIL
 import pytest
 from PIL import Image
 
-from ovis2_xinf.resample import PixelSource, coefficients, pixel_rows, vertical_first
+from ovis2_xinf.preprocessing import Ovis2ImagePreprocessor
+from ovis2_xinf.resample import PixelSource, _grid_rows, coefficients, pixel_rows, vertical_first
 
 
 def test_oracle_is_pillow_13():
@@ -26,9 +27,9 @@ IDENTITY_STD = np.ones(3, np.float32)
 
 def _ours(pixels: np.ndarray, box, size) -> np.ndarray:
     """Resized bytes, read back through an identity normalization (scale 1, mean 0, std 1)."""
-    out = np.zeros((3, size[1], size[0]), np.float32)
-    PixelSource(Image.fromarray(pixels)).resize_normalized(box, size, 1.0, IDENTITY_MEAN, IDENTITY_STD, out, 0, 0)
-    return out.transpose(1, 2, 0).astype(np.uint8)
+    out = np.zeros((1, 3, size[1], size[0]), np.float32)
+    PixelSource(Image.fromarray(pixels)).resize_boxes([box], [size], [(0, 0)], 1, 1.0, IDENTITY_MEAN, IDENTITY_STD, out)
+    return out[0].transpose(1, 2, 0).astype(np.uint8)
 
 
 def _pillow(pixels: np.ndarray, box, size) -> np.ndarray:
@@ -78,6 +79,70 @@ def test_smooth_image_equals_pillow():
                                       _pillow(pixels, (0, 0, 1000, 700), size))
 
 
+def _grid_bytes(pixels: np.ndarray, max_partition: int, side: int = 448):
+    """Every box of the Ovis2 grid, resized by ``resize_boxes`` and by Pillow, as bytes."""
+    pre = Ovis2ImagePreprocessor({"crop_size": {"height": side, "width": side}, "image_mean": [0, 0, 0],
+                                  "image_std": [1, 1, 1], "rescale_factor": 1.0})
+    image = Image.fromarray(pixels)
+    grid, boxes = pre.boxes(image.width, image.height, max_partition)
+    values = pre(image, max_partition).pixel_values.numpy()
+    for index, box in enumerate(boxes):
+        width, height, top, left = pre.placement(box[2] - box[0], box[3] - box[1])
+        ours = values[index, :, top: top + height, left: left + width].transpose(1, 2, 0).astype(np.uint8)
+        yield box, (width, height), grid, ours, _pillow(pixels, box, (width, height))
+
+
+@pytest.mark.parametrize("image_size,max_partition,whole_first,crops_first", [
+    ((1920, 1080), 9, "horizontal", "horizontal"),  # one sweep: the whole image and each row of crops together
+    ((1001, 1081), 4, "horizontal", "horizontal"),  # rows of crops 540 and 541 high: resized to different widths
+    ((1080, 2400), 9, "vertical", "horizontal"),    # the crops swept together, the whole image alone
+    ((400, 4000), 2, "vertical", "vertical"),       # every box alone
+    ((100, 60), 4, "horizontal", "horizontal"),     # upscaled crops
+])
+def test_an_ovis2_grid_equals_pillow_box_by_box(image_size, max_partition, whole_first, crops_first):
+    rng = np.random.default_rng(sum(image_size) + max_partition)
+    pixels = rng.integers(0, 256, (image_size[1], image_size[0], 3), dtype=np.uint8)
+    for index, (box, size, grid, ours, pillow) in enumerate(_grid_bytes(pixels, max_partition)):
+        order = "vertical" if vertical_first(box[2] - box[0], box[3] - box[1], *size) else "horizontal"
+        assert order == (whole_first if index == 0 else crops_first), (box, size)
+        np.testing.assert_array_equal(ours, pillow, err_msg=f"grid {grid} box {box} -> {size}")
+
+
+def test_random_grids_equal_pillow():
+    rng = np.random.default_rng(17)
+    for _ in range(25):
+        width, height = (int(v) for v in rng.integers(1, 900, 2))
+        pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        max_partition = int(rng.integers(1, 10))
+        side = int(rng.choice([28, 56, 448]))
+        for box, size, grid, ours, pillow in _grid_bytes(pixels, max_partition, side):
+            np.testing.assert_array_equal(ours, pillow, err_msg=f"image {width}x{height} max_partition "
+                                          f"{max_partition} side {side}: grid {grid} box {box} -> {size}")
+
+
+def test_which_boxes_share_a_sweep():
+    pre = Ovis2ImagePreprocessor({"crop_size": {"height": 448, "width": 448}})
+    grid, boxes = pre.boxes(1920, 1080, 9)
+    assert _grid_rows(np.asarray(boxes), grid[1], 1920, 1080) == grid[0] == 2
+    assert _grid_rows(np.asarray(boxes[1:]), grid[1], 1920, 1080) == 0  # no whole image first
+    assert _grid_rows(np.asarray(boxes), 3, 1920, 1080) == 0
+    assert _grid_rows(np.asarray([(0, 0, 500, 300), (10, 20, 260, 200), (200, 20, 480, 290)]), 2, 500, 300) == 0
+
+
+def test_boxes_that_are_not_a_grid_are_resized_one_by_one():
+    # Boxes that do not tile the image row by row share no pass, and come out the same.
+    rng = np.random.default_rng(19)
+    pixels = rng.integers(0, 256, (300, 500, 3), dtype=np.uint8)
+    boxes = [(0, 0, 500, 300), (10, 20, 260, 200), (200, 20, 480, 290)]
+    sizes = [(112, 67), (90, 64), (70, 66)]
+    out = np.zeros((3, 3, 112, 112), np.float32)
+    PixelSource(Image.fromarray(pixels)).resize_boxes(boxes, sizes, [(0, 0)] * 3, 2, 1.0, IDENTITY_MEAN,
+                                                      IDENTITY_STD, out)
+    for index, (box, size) in enumerate(zip(boxes, sizes)):
+        ours = out[index, :, : size[1], : size[0]].transpose(1, 2, 0).astype(np.uint8)
+        np.testing.assert_array_equal(ours, _pillow(pixels, box, size))
+
+
 def test_pass_order_rule():
     assert vertical_first(333, 1201, 124, 448)
     assert not vertical_first(1201, 333, 448, 124)
@@ -103,8 +168,10 @@ def test_writes_the_whole_output_padding_zero(box, size, top, left):
     # The caller hands in uninitialized memory: every value outside the resized box must be written as 0.
     rng = np.random.default_rng(7)
     pixels = rng.integers(0, 256, (box[3], box[2], 3), dtype=np.uint8)
-    out = np.full((3, 50, 80), np.nan, np.float32)
-    PixelSource(Image.fromarray(pixels)).resize_normalized(box, size, 1.0, IDENTITY_MEAN, IDENTITY_STD, out, top, left)
+    whole = np.full((1, 3, 50, 80), np.nan, np.float32)
+    PixelSource(Image.fromarray(pixels)).resize_boxes([box], [size], [(top, left)], 1, 1.0, IDENTITY_MEAN, IDENTITY_STD,
+                                                      whole)
+    out = whole[0]
     inside = out[:, top: top + size[1], left: left + size[0]]
     np.testing.assert_array_equal(inside.transpose(1, 2, 0).astype(np.uint8), _pillow(pixels, box, size))
     inside[:] = 0

@@ -172,11 +172,10 @@ class Ovis2ImagePreprocessor:
         processed = []
         start = 0
         for image, (grid, boxes) in zip(images, plans):
+            placements = [self.placement(box[2] - box[0], box[3] - box[1]) for box in boxes]
             source = PixelSource(image if image.mode == "RGB" else image.convert("RGB"))
-            for index, box in enumerate(boxes):
-                width, height, top, left = self.placement(box[2] - box[0], box[3] - box[1])
-                source.resize_normalized(box, (width, height), self.rescale_factor, self.mean, self.std,
-                                         values[start + index], top, left)
+            source.resize_boxes(boxes, [p[:2] for p in placements], [p[2:] for p in placements], grid[1],
+                                self.rescale_factor, self.mean, self.std, values[start: start + len(boxes)])
             processed.append(ProcessedImage(stacked[start: start + len(boxes)], grid, placeholder_layout(grid)))
             start += len(boxes)
         return processed
