@@ -14,7 +14,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ovis2_xinf.media import MediaLimits
 from ovis2_xinf.preprocessing import Ovis2ImagePreprocessor
+from ovis2_xinf.resample import hold_whole_images
 
 # Typical photos, and a phone screenshot: its whole-image resize runs the vertical pass first.
 SIZES = [(640, 480), (1920, 1080), (4000, 3000), (1080, 2400)]
@@ -41,10 +43,17 @@ def pillow_baseline(pre: Ovis2ImagePreprocessor, image: Image.Image, max_partiti
     return values
 
 
-def run(repeats: int = 10, sizes=SIZES, partitions=PARTITIONS) -> List[Dict[str, Any]]:
+def _as_served() -> Ovis2ImagePreprocessor:
+    """One thread, and Pillow holding whole images in one block, as in the model process."""
     torch.set_num_threads(1)
+    hold_whole_images(MediaLimits().max_image_pixels)
     pre = Ovis2ImagePreprocessor({"crop_size": {"height": 448, "width": 448}})
     pre.warm_up()
+    return pre
+
+
+def run(repeats: int = 10, sizes=SIZES, partitions=PARTITIONS) -> List[Dict[str, Any]]:
+    pre = _as_served()
     rng = np.random.default_rng(0)
     rows = []
     for width, height in sizes:
@@ -73,9 +82,7 @@ def run(repeats: int = 10, sizes=SIZES, partitions=PARTITIONS) -> List[Dict[str,
 def run_requests(repeats: int = 10, requests=REQUESTS) -> List[Dict[str, Any]]:
     """All images of a request preprocessed into one tensor, against each image alone and the
     crops stacked afterwards (what serving did before): the same values, one copy fewer."""
-    torch.set_num_threads(1)
-    pre = Ovis2ImagePreprocessor({"crop_size": {"height": 448, "width": 448}})
-    pre.warm_up()
+    pre = _as_served()
     rng = np.random.default_rng(1)
     rows = []
     for name, count, (width, height), max_partition in requests:

@@ -13,7 +13,8 @@ import pytest
 from PIL import Image
 
 from ovis2_xinf.preprocessing import Ovis2ImagePreprocessor
-from ovis2_xinf.resample import PixelSource, _grid_rows, coefficients, pixel_rows, vertical_first
+from ovis2_xinf.resample import (PixelSource, _grid_rows, coefficients, hold_whole_images, pixel_rows,
+                                  vertical_first)
 
 
 def test_oracle_is_pillow_13():
@@ -206,15 +207,39 @@ def test_pixel_rows_outlive_the_image():
     assert all(np.array_equal(pixel_rows(other)[:, :3], [[9, 9, 9]] * 300) for other in others)
 
 
-def test_pixel_rows_of_an_image_over_one_memory_block():
-    # 2100 x 2100 x 4 bytes is over Pillow's 16 MB block: Pillow refuses the export, the rows are a
-    # copy, made of strips that each export.
+@pytest.fixture
+def block_size():
+    """Pillow's block size, put back after the test: it is process-wide."""
+    previous = Image.core.get_block_size()
+    yield
+    Image.core.set_block_size(previous)
+
+
+def test_pixel_rows_of_an_image_over_one_memory_block(block_size):
+    # 2100 x 2100 x 4 bytes is over Pillow's default 16 MB block: Pillow refuses the export, the rows
+    # are a copy, made of strips that each export.
+    Image.core.set_block_size(16 << 20)
     pixels = np.random.default_rng(5).integers(0, 256, (2100, 2100, 3), dtype=np.uint8)
     image = Image.fromarray(pixels)
     rows = pixel_rows(image)
     np.testing.assert_array_equal(rows.reshape(2100, 2100, 4)[..., :3], pixels)
     image.putpixel((0, 0), tuple(int(v) for v in 255 - pixels[0, 0]))
     assert not rows.flags.writeable and tuple(rows[0, :3]) == tuple(pixels[0, 0])
+
+
+def test_whole_images_are_read_in_place_once_held_in_one_block(block_size):
+    # What the model process does at load: images up to its pixel limit are then one block each.
+    Image.core.set_block_size(16 << 20)
+    hold_whole_images(2100 * 2100)
+    assert Image.core.get_block_size() == 17641472  # 2100 * 2100 * 4 rounded up to whole 4 KiB pages
+    image = Image.fromarray(np.random.default_rng(8).integers(0, 256, (2100, 2100, 3), dtype=np.uint8))
+    rows = pixel_rows(image)
+    image.putpixel((3, 2099), (1, 2, 3))
+    assert tuple(rows[2099, 12:15]) == (1, 2, 3)  # Pillow's own memory, not a copy
+    hold_whole_images(10)  # never lowered
+    assert Image.core.get_block_size() == 17641472
+    hold_whole_images(10**12)  # Pillow keeps it in a C int
+    assert Image.core.get_block_size() == 2**31 - 4096
 
 
 def test_pixel_rows_when_a_strip_is_over_one_block():

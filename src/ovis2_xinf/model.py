@@ -34,6 +34,7 @@ from .messages import build_conversation
 from .preprocessing import Ovis2ImagePreprocessor
 from .prompt import EncodedPrompt, encode
 from .registration import close_dropped_streams, model_class_ready
+from .resample import hold_whole_images
 
 logger = logging.getLogger(__name__)
 
@@ -142,6 +143,7 @@ class Ovis2NativeChatModel(PytorchChatModel):
             or min(self.model_family.context_length or 32768, text_config.max_position_embeddings)
         )
         self._limits = MediaLimits.from_env()
+        hold_whole_images(self._limits.max_image_pixels)  # request images are then read in place
         self._gate = GenerationGate()
         logger.info(
             "Ovis2 loaded from %s on %s (%s, attention %s, context %d)",
