@@ -280,17 +280,16 @@ def _sweep(rows: np.ndarray, boxes: np.ndarray, sizes: np.ndarray, places: np.nd
         offsets[b + 1] = offsets[b] + window[b] * sizes[b, 0] * CHANNELS
     stage = np.empty(offsets[n], np.uint8)
     wheres = []
-    band_width = 0
+    spans = np.empty((groups.shape[0], 2), np.int64)  # pixel columns each group's table reads
     for g in range(groups.shape[0]):
-        first, last = _span(group_bounds[g])
-        band_width = max(band_width, last - first)
+        spans[g, 0], spans[g, 1] = _span(group_bounds[g])
         wheres.append(np.empty((group_taps[g].shape[0], 2), np.int64))
-    band = np.empty((band_width, _TILE * CHANNELS), np.uint8)
+    band = np.empty((np.max(spans[:, 1] - spans[:, 0]), _TILE * CHANNELS), np.uint8)
     acc = np.empty(_TILE * CHANNELS, np.int32)
     result = np.empty(_TILE * CHANNELS, np.uint8)
     finished = np.zeros(n, np.int64)  # output rows of each box written so far
     for g in range(groups.shape[0]):
-        first, last = _span(group_bounds[g])
+        first, last = spans[g, 0], spans[g, 1]
         where = wheres[g]
         for r0 in range(groups[g, 0], groups[g, 1], _TILE):
             count = min(_TILE, groups[g, 1] - r0)
