@@ -471,8 +471,8 @@ def pixel_rows(image: Image.Image) -> np.ndarray:
     Pillow exports an image whose rows lie in one block of memory through the Arrow C data
     interface without copying; ``np.asarray(image)`` goes through ``tobytes``, which repacks
     every pixel (2.5-6 ms for a 1920x1080 photo on the benchmark machine, over a tenth of its
-    whole preprocessing). Images over Pillow's allocation block (16 MB unless
-    ``PILLOW_BLOCK_SIZE`` says otherwise), such as a 12-megapixel phone photo, are copied.
+    whole preprocessing). Images split over several of Pillow's allocation blocks (16 MB
+    unless ``PILLOW_BLOCK_SIZE`` or ``hold_whole_images`` says otherwise) are copied.
     """
     try:
         data = _exported(image)
@@ -487,7 +487,7 @@ def hold_whole_images(max_pixels: int) -> None:
     """Let Pillow keep every image of up to ``max_pixels`` in one memory block (process-wide).
 
     Pillow splits an image over 16 MB blocks by default, and a split image cannot be exported:
-    a 12-megapixel photo's rows are then copied strip by strip first (16 ms here, and 48 MB
+    a 12-megapixel photo's rows are then copied strip by strip first (16-20 ms here, and 48 MB
     more memory at once). Pillow sizes each block to what the image needs, so a larger limit
     costs nothing for smaller images. The model process calls this once: it decodes every
     image of every request.
