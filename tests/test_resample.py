@@ -7,9 +7,15 @@ its pass-order rule, upscales, unchanged axes and sub-boxes of a larger image.
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import numpy as np
 import PIL
 import pytest
+from llvmlite import binding as llvm
 from PIL import Image
 
 from ovis2_xinf.preprocessing import Ovis2ImagePreprocessor
@@ -255,3 +261,42 @@ def test_pixel_rows_when_a_strip_is_over_one_block():
     finally:
         Image.core.set_block_size(previous)
     np.testing.assert_array_equal(rows.reshape(200, 300, 4)[..., :3], pixels)
+
+
+_VECTORS_PROBE = """
+import json
+import numba
+import numpy as np
+from llvmlite import binding as llvm
+from ovis2_xinf import resample
+acc = np.empty(192, np.int32)
+resample._accumulate(acc, np.ones((4, 192), np.uint8), 0, 0, 192, np.full(4, 3, np.int32), 4)
+assert acc[0] == (1 << 21) + 12
+asm = next(iter(resample._accumulate.inspect_asm().values()))
+print(json.dumps({"features": numba.config.CPU_FEATURES, "zmm": "zmm" in asm,
+                  "avx512f": "+avx512f" in llvm.get_host_cpu_features().flatten().split(",")}))
+"""
+
+
+def _probe_vectors(tmp_path, **env) -> dict:
+    """A fresh interpreter (numba's features are fixed at its first compile), compiling anew."""
+    environ = {k: v for k, v in os.environ.items() if k != "NUMBA_CPU_FEATURES"}
+    environ.update(NUMBA_CACHE_DIR=str(tmp_path / "numba"), **env)
+    done = subprocess.run([sys.executable, "-c", _VECTORS_PROBE], env=environ, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_kernels_use_512_bit_vectors_where_the_cpu_has_them(tmp_path):
+    probe = _probe_vectors(tmp_path)
+    if not probe["avx512f"]:
+        assert probe["features"] is None  # left to numba
+        pytest.skip("this CPU has no AVX-512")
+    assert probe["features"].endswith(",-prefer-256-bit")
+    assert probe["zmm"]
+
+
+def test_user_cpu_features_win(tmp_path):
+    features = llvm.get_host_cpu_features().flatten()
+    assert _probe_vectors(tmp_path, NUMBA_CPU_FEATURES=features)["features"] == features

@@ -26,10 +26,13 @@ straight into the planar model input, padding included.
 from __future__ import annotations
 
 import math
+import os
 from typing import Sequence, Tuple
 
 import nanoarrow
+import numba
 import numpy as np
+from llvmlite import binding as llvm
 from numba import njit
 from PIL import Image
 
@@ -40,6 +43,28 @@ CHANNELS = 3
 PIXEL = 4  # bytes per source pixel: R, G, B, unused
 STRIP_BYTES = 1 << 20  # rows copied at a time out of an image Pillow holds in several blocks
 _TILE = 64  # rows per band of the horizontal pass (a band of a 4000 px wide image: 768 KB, in L2)
+
+
+def prefer_wide_vectors() -> None:
+    """Let numba vectorize with 512-bit registers on CPUs that have them (process-wide).
+
+    LLVM keeps to 256-bit vectors on Intel's AVX-512 cores unless told otherwise (its
+    ``prefer-256-bit`` tuning, chosen against the clock drop wide vectors caused on the first
+    of them). This module's loops widen bytes and multiply-add integers, and twice the lanes
+    per instruction made a 1920x1080 photo at ``max_partition`` 9 take 13.5-14.3 ms instead of
+    15.4-16.6 ms on the benchmark machine (a 2-core Xeon, Emerald Rapids); the bytes are the
+    same, integer sums being exact. It only takes effect before numba compiles or loads its
+    first function in the process, so this module calls it when imported. Nothing changes
+    where the CPU has no AVX-512 or ``NUMBA_CPU_FEATURES`` is set: the user's choice wins.
+    """
+    if numba.config.CPU_FEATURES is not None or os.environ.get("NUMBA_CPU_FEATURES"):
+        return
+    features = llvm.get_host_cpu_features().flatten()
+    if "+avx512f" in features.split(","):
+        numba.config.CPU_FEATURES = features + ",-prefer-256-bit"
+
+
+prefer_wide_vectors()
 
 
 @njit(cache=True, nogil=True)
