@@ -23,6 +23,7 @@ def test_benchmarks_smoke(tmp_path):
     result = json.loads(out.read_text())
     sections = result["sections"]
     assert [r["crops"] for r in sections["preprocess"]["rows"]] == [1, 5, 5]
+    assert all(r["back_to_back_ms_min"] > 0 for r in sections["preprocess"]["rows"])
     assert [r["crops"] for r in sections["preprocess"]["requests"]] == [10]
     assert [r["tokens"] for r in sections["detokenize"]["rows"]] == [64]
     memory = sections["memory"]
