@@ -16,11 +16,12 @@ import numpy as np
 import PIL
 import pytest
 from llvmlite import binding as llvm
+from numba import njit
 from PIL import Image
 
 from ovis2_xinf.preprocessing import Ovis2ImagePreprocessor
-from ovis2_xinf.resample import (PixelSource, _grid_rows, coefficients, hold_whole_images, pixel_rows,
-                                  vertical_first)
+from ovis2_xinf.resample import (PixelSource, _grid_rows, _load4, _store4, coefficients, hold_whole_images,
+                                  pixel_rows, vertical_first)
 
 
 def test_oracle_is_pillow_13():
@@ -300,3 +301,15 @@ def test_kernels_use_512_bit_vectors_where_the_cpu_has_them(tmp_path):
 def test_user_cpu_features_win(tmp_path):
     features = llvm.get_host_cpu_features().flatten()
     assert _probe_vectors(tmp_path, NUMBA_CPU_FEATURES=features)["features"] == features
+
+
+@njit
+def _move4(src, i, dst, j):
+    _store4(dst, np.uint64(j), _load4(src, np.uint64(i)))
+
+
+def test_four_byte_moves_at_any_alignment():
+    # The horizontal pass moves 3-byte pixels 4 bytes at a time, at offsets 3 apart.
+    dst = np.zeros(12, np.uint8)
+    _move4(np.arange(10, 20, dtype=np.uint8), 5, dst, 3)
+    assert dst.tolist() == [0, 0, 0, 15, 16, 17, 18, 0, 0, 0, 0, 0]

@@ -20,7 +20,8 @@ first, so that both inner loops run over contiguous memory. The whole image and 
 read the same rows, so they are resized in one sweep down the image: each band of rows is
 transposed once for all of them, and each output row is finished as soon as the rows it
 reads are ready, while they are still in cache. The last pass writes normalized floats
-straight into the planar model input, padding included.
+straight into the planar model input, padding included. Pixels move 4 bytes at a time (see
+``SPARE``).
 """
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ import nanoarrow
 import numba
 import numpy as np
 from llvmlite import binding as llvm
-from numba import njit
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic
 from PIL import Image
 
 PRECISION_BITS = 22  # Pillow's 32 - 8 - 2 for 8-bit images
@@ -65,6 +68,40 @@ def prefer_wide_vectors() -> None:
 
 
 prefer_wide_vectors()
+
+
+# Pixels move 4 bytes at a time, the bytes as they lie: a 3-byte pixel is written together with
+# the byte after it, which the next pixel's write then overwrites. Every row the horizontal pass
+# writes into ends with one spare byte for the last pixel's fourth (numba has no unaligned 3-byte
+# move, and three byte moves per pixel took about a third of the horizontal pass).
+SPARE = 1
+
+
+@njit(cache=True, nogil=True)
+def _row_bytes(pixels: int) -> int:
+    """Bytes of a row of ``pixels`` 3-byte pixels written 4 bytes at a time."""
+    return pixels * CHANNELS + SPARE
+
+
+@intrinsic
+def _load4(typingctx, data, index):
+    """The 4 bytes at ``data[index:index + 4]`` as one uint32, at any alignment, unchecked."""
+    def codegen(context, builder, signature, args):
+        array = context.make_array(signature.args[0])(context, builder, args[0])
+        at = builder.bitcast(builder.gep(array.data, [args[1]]), ir.IntType(32).as_pointer())
+        return builder.load(at, align=1)
+    return types.uint32(data, index), codegen
+
+
+@intrinsic
+def _store4(typingctx, data, index, value):
+    """``value``'s 4 bytes into ``data[index:index + 4]``, at any alignment, unchecked."""
+    def codegen(context, builder, signature, args):
+        array = context.make_array(signature.args[0])(context, builder, args[0])
+        at = builder.bitcast(builder.gep(array.data, [args[1]]), ir.IntType(32).as_pointer())
+        builder.store(args[2], at, align=1)
+        return context.get_dummy_value()
+    return types.void(data, index, types.uint32), codegen
 
 
 @njit(cache=True, nogil=True)
@@ -182,7 +219,8 @@ def _across_band(src: np.ndarray, row0: int, count: int, taps: np.ndarray, bound
 
     ``src`` holds 4 bytes per pixel (R, G, B, unused). Output ``o`` of the band's row ``r`` goes
     to its 3 bytes at ``out[where[o, 0] + r * where[o, 1]]`` in the flat ``out``: outputs of
-    several boxes can share one band, each written into rows of its own width. The band's
+    several boxes can share one band, each written into rows of its own width, each row with
+    a spare byte at its end (``_row_bytes``); ``band`` and ``result`` rows too. The band's
     pixels are transposed into ``band``, which stays in cache, so the multiply-adds run along
     contiguous memory (across the band's rows) and vectorize, and each result goes straight
     back into row order: no transposed copy of the image is ever made.
@@ -195,10 +233,7 @@ def _across_band(src: np.ndarray, row0: int, count: int, taps: np.ndarray, bound
         dst = band[col - first]
         x = np.uint64(col * PIXEL)
         for r in range(count):
-            line = src[top + np.uint64(r)]
-            dst[r * CHANNELS] = line[x]
-            dst[r * CHANNELS + 1] = line[x + np.uint64(1)]
-            dst[r * CHANNELS + 2] = line[x + np.uint64(2)]
+            _store4(dst, np.uint64(r * CHANNELS), _load4(src[top + np.uint64(r)], x))
     for o in range(taps.shape[0]):
         _accumulate(acc, band, bounds[o, 0] - first, 0, width, taps[o], bounds[o, 1])
         for j in range(width):
@@ -206,9 +241,7 @@ def _across_band(src: np.ndarray, row0: int, count: int, taps: np.ndarray, bound
         step = np.uint64(where[o, 1])  # a local: a store into ``out`` could alias ``where`` for LLVM
         at = np.uint64(where[o, 0])
         for r in range(count):
-            out[at] = result[r * CHANNELS]
-            out[at + 1] = result[r * CHANNELS + 1]
-            out[at + 2] = result[r * CHANNELS + 2]
+            _store4(out, at, _load4(result, np.uint64(r * CHANNELS)))
             at += step
 
 
@@ -217,18 +250,19 @@ def _resample_across(src: np.ndarray, nrows: int, taps: np.ndarray, bounds: np.n
     """The horizontal pass over the first ``nrows`` rows of ``src``, band by band."""
     first, last = _span(bounds)
     out_len = taps.shape[0]
-    out = np.empty(nrows * out_len * CHANNELS, np.uint8)
+    stride = _row_bytes(out_len)
+    out = np.empty(nrows * stride, np.uint8)
     where = np.empty((out_len, 2), np.int64)
     for o in range(out_len):
         where[o, 0] = o * CHANNELS
-        where[o, 1] = out_len * CHANNELS
-    band = np.empty((last - first, _TILE * CHANNELS), np.uint8)
+        where[o, 1] = stride
+    band = np.empty((last - first, _row_bytes(_TILE)), np.uint8)
     acc = np.empty(_TILE * CHANNELS, np.int32)
-    result = np.empty(_TILE * CHANNELS, np.uint8)
+    result = np.empty(_row_bytes(_TILE), np.uint8)
     for r0 in range(0, nrows, _TILE):
         _across_band(src, r0, min(_TILE, nrows - r0), taps, bounds, first, last, band, acc, result,
-                     out[r0 * out_len * CHANNELS:], where)
-    return out.reshape(nrows, out_len * CHANNELS)
+                     out[r0 * stride:], where)
+    return out.reshape(nrows, stride)
 
 
 @njit(cache=True, nogil=True)
@@ -302,16 +336,16 @@ def _sweep(rows: np.ndarray, boxes: np.ndarray, sizes: np.ndarray, places: np.nd
         if swept[b]:
             _pad(out[b], places[b, 0], places[b, 1], sizes[b, 0], sizes[b, 1])
             window[b] = _TILE + 2 * taps.shape[1]  # a band and the rows before it still needed
-        offsets[b + 1] = offsets[b] + window[b] * sizes[b, 0] * CHANNELS
+        offsets[b + 1] = offsets[b] + window[b] * _row_bytes(sizes[b, 0])
     stage = np.empty(offsets[n], np.uint8)
     wheres = []
     spans = np.empty((groups.shape[0], 2), np.int64)  # pixel columns each group's table reads
     for g in range(groups.shape[0]):
         spans[g, 0], spans[g, 1] = _span(group_bounds[g])
         wheres.append(np.empty((group_taps[g].shape[0], 2), np.int64))
-    band = np.empty((np.max(spans[:, 1] - spans[:, 0]), _TILE * CHANNELS), np.uint8)
+    band = np.empty((np.max(spans[:, 1] - spans[:, 0]), _row_bytes(_TILE)), np.uint8)
     acc = np.empty(_TILE * CHANNELS, np.int32)
-    result = np.empty(_TILE * CHANNELS, np.uint8)
+    result = np.empty(_row_bytes(_TILE), np.uint8)
     finished = np.zeros(n, np.int64)  # output rows of each box written so far
     for g in range(groups.shape[0]):
         first, last = spans[g, 0], spans[g, 1]
@@ -320,7 +354,7 @@ def _sweep(rows: np.ndarray, boxes: np.ndarray, sizes: np.ndarray, places: np.nd
             count = min(_TILE, groups[g, 1] - r0)
             o = 0
             for b in group_boxes[g]:
-                stride = sizes[b, 0] * CHANNELS
+                stride = _row_bytes(sizes[b, 0])
                 held = stage[offsets[b]: offsets[b + 1]].reshape(window[b], stride)
                 if r0 + count - base[b] > window[b]:  # slide: keep the rows still needed at the top
                     keep = r0
@@ -347,7 +381,7 @@ def _sweep(rows: np.ndarray, boxes: np.ndarray, sizes: np.ndarray, places: np.nd
                 while stop < sizes[b, 1] and boxes[b, 1] + bounds[stop, 0] + bounds[stop, 1] <= ready:
                     stop += 1
                 if stop > finished[b]:
-                    held = stage[offsets[b]: offsets[b + 1]].reshape(window[b], sizes[b, 0] * CHANNELS)
+                    held = stage[offsets[b]: offsets[b + 1]].reshape(window[b], _row_bytes(sizes[b, 0]))
                     _resample_rows_normalized(held, boxes[b, 1] - base[b], sizes[b, 0], v_taps[b], bounds,
                                               finished[b], stop, scale, mean, std, out[b], places[b, 0], places[b, 1])
                     finished[b] = stop
