@@ -54,9 +54,8 @@ def prefer_wide_vectors() -> None:
     LLVM keeps to 256-bit vectors on Intel's AVX-512 cores unless told otherwise (its
     ``prefer-256-bit`` tuning, chosen against the clock drop wide vectors caused on the first
     of them). This module's loops widen bytes and multiply-add integers, and twice the lanes
-    per instruction made a 1920x1080 photo at ``max_partition`` 9 take 13.5-14.3 ms instead of
-    15.4-16.6 ms on the benchmark machine (a 2-core Xeon, Emerald Rapids); the bytes are the
-    same, integer sums being exact. It only takes effect before numba compiles or loads its
+    per instruction made preprocessing 1.10-1.18x faster on the benchmark machine (a 2-core
+    Xeon, Emerald Rapids; docs/performance.md); the bytes are the same, integer sums being exact. It only takes effect before numba compiles or loads its
     first function in the process, so this module calls it when imported. Nothing changes
     where the CPU has no AVX-512 or ``NUMBA_CPU_FEATURES`` is set: the user's choice wins.
     """
