@@ -55,9 +55,10 @@ def prefer_wide_vectors() -> None:
     ``prefer-256-bit`` tuning, chosen against the clock drop wide vectors caused on the first
     of them). This module's loops widen bytes and multiply-add integers, and twice the lanes
     per instruction made preprocessing 1.10-1.18x faster on the benchmark machine (a 2-core
-    Xeon, Emerald Rapids; docs/performance.md); the bytes are the same, integer sums being exact. It only takes effect before numba compiles or loads its
-    first function in the process, so this module calls it when imported. Nothing changes
-    where the CPU has no AVX-512 or ``NUMBA_CPU_FEATURES`` is set: the user's choice wins.
+    Xeon, Emerald Rapids; docs/performance.md); the bytes are the same, integer sums being
+    exact. It only takes effect before numba compiles or loads its first function in the
+    process, so this module calls it when imported. Nothing changes where the CPU has no
+    AVX-512 or ``NUMBA_CPU_FEATURES`` is set: the user's choice wins.
     """
     if numba.config.CPU_FEATURES is not None or os.environ.get("NUMBA_CPU_FEATURES"):
         return
@@ -337,6 +338,8 @@ def _sweep(rows: np.ndarray, boxes: np.ndarray, sizes: np.ndarray, places: np.nd
             window[b] = _TILE + 2 * taps.shape[1]  # a band and the rows before it still needed
         offsets[b + 1] = offsets[b] + window[b] * _row_bytes(sizes[b, 0])
     stage = np.empty(offsets[n], np.uint8)
+    # Each box's window as rows of its intermediate pixels.
+    windows = [stage[offsets[b]: offsets[b + 1]].reshape(window[b], _row_bytes(sizes[b, 0])) for b in range(n)]
     wheres = []
     spans = np.empty((groups.shape[0], 2), np.int64)  # pixel columns each group's table reads
     for g in range(groups.shape[0]):
@@ -353,8 +356,8 @@ def _sweep(rows: np.ndarray, boxes: np.ndarray, sizes: np.ndarray, places: np.nd
             count = min(_TILE, groups[g, 1] - r0)
             o = 0
             for b in group_boxes[g]:
-                stride = _row_bytes(sizes[b, 0])
-                held = stage[offsets[b]: offsets[b + 1]].reshape(window[b], stride)
+                held = windows[b]
+                stride = held.shape[1]
                 if r0 + count - base[b] > window[b]:  # slide: keep the rows still needed at the top
                     keep = r0
                     if finished[b] < sizes[b, 1]:
@@ -380,8 +383,7 @@ def _sweep(rows: np.ndarray, boxes: np.ndarray, sizes: np.ndarray, places: np.nd
                 while stop < sizes[b, 1] and boxes[b, 1] + bounds[stop, 0] + bounds[stop, 1] <= ready:
                     stop += 1
                 if stop > finished[b]:
-                    held = stage[offsets[b]: offsets[b + 1]].reshape(window[b], _row_bytes(sizes[b, 0]))
-                    _resample_rows_normalized(held, boxes[b, 1] - base[b], sizes[b, 0], v_taps[b], bounds,
+                    _resample_rows_normalized(windows[b], boxes[b, 1] - base[b], sizes[b, 0], v_taps[b], bounds,
                                               finished[b], stop, scale, mean, std, out[b], places[b, 0], places[b, 1])
                     finished[b] = stop
     for b in range(n):
