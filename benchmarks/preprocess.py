@@ -8,7 +8,7 @@ process on the same images, and their outputs must be identical.
 from __future__ import annotations
 
 import time
-from typing import Any, Dict, List
+from typing import Any, Callable, Dict, List
 
 import numpy as np
 import torch
@@ -43,6 +43,13 @@ def pillow_baseline(pre: Ovis2ImagePreprocessor, image: Image.Image, max_partiti
     return values
 
 
+def _ms(call: Callable[[], Any]) -> float:
+    """Milliseconds one call takes."""
+    start = time.perf_counter()
+    call()
+    return (time.perf_counter() - start) * 1000
+
+
 def _as_served() -> Ovis2ImagePreprocessor:
     """One thread, and Pillow holding whole images in one block, as in the model process."""
     torch.set_num_threads(1)
@@ -64,20 +71,12 @@ def run(repeats: int = 10, sizes=SIZES, partitions=PARTITIONS) -> List[Dict[str,
                 raise AssertionError(f"{width}x{height} max_partition {max_partition}: output differs from Pillow's")
             ours, baseline = [], []
             for _ in range(repeats):
-                start = time.perf_counter()
-                pre(image, max_partition)
-                ours.append((time.perf_counter() - start) * 1000)
-                start = time.perf_counter()
-                pillow_baseline(pre, image, max_partition)
-                baseline.append((time.perf_counter() - start) * 1000)
+                ours.append(_ms(lambda: pre(image, max_partition)))
+                baseline.append(_ms(lambda: pillow_baseline(pre, image, max_partition)))
             # Interleaved with the baseline, the image and our buffers leave the caches between
             # our calls; served, an image is preprocessed right after it is decoded, its pixels
             # still in cache. Both are reported.
-            alone = []
-            for _ in range(repeats):
-                start = time.perf_counter()
-                pre(image, max_partition)
-                alone.append((time.perf_counter() - start) * 1000)
+            alone = [_ms(lambda: pre(image, max_partition)) for _ in range(repeats)]
             rows.append({
                 "width": width, "height": height, "max_partition": max_partition, "grid": list(out.grid),
                 "crops": int(out.pixel_values.shape[0]), "ms_median": float(np.median(ours)),
@@ -106,12 +105,8 @@ def run_requests(repeats: int = 10, requests=REQUESTS) -> List[Dict[str, Any]]:
             raise AssertionError(f"{name}: one tensor for the request differs from the images stacked apart")
         ours, baseline = [], []
         for _ in range(repeats):
-            start = time.perf_counter()
-            pre.batch(images, max_partition)
-            ours.append((time.perf_counter() - start) * 1000)
-            start = time.perf_counter()
-            separate()
-            baseline.append((time.perf_counter() - start) * 1000)
+            ours.append(_ms(lambda: pre.batch(images, max_partition)))
+            baseline.append(_ms(separate))
         rows.append({
             "request": name, "images": count, "size": f"{width}x{height}", "max_partition": max_partition,
             "crops": int(together.shape[0]), "ms_min": float(np.min(ours)), "stacked_apart_ms_min": float(np.min(baseline)),
