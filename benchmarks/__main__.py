@@ -101,14 +101,16 @@ def run_serving(args, paths, workdir: Path) -> Dict[str, Any]:
     result = {
         "direct": direct, "served": {k: v for k, v in served.items() if k != "concurrency"},
         "concurrency": served["concurrency"], "load": loads,
-        "decode_ratio": served["decode_tok_s"] / direct["decode_tok_s"],
+        "decode_ratio": (served["decode_tok_s"] / direct["decode_tok_s"]
+                         if served["decode_tok_s"] and direct["decode_tok_s"] else None),
         "ttft_over_direct_s": served["ttft_s"] - direct["ttft_s"],
     }
     print(_table([
         {"path": "direct generate", "ttft_s": direct["ttft_s"], "decode_tok_s": direct["decode_tok_s"]},
         {"path": "xinference + openai", "ttft_s": served["ttft_s"], "decode_tok_s": served["decode_tok_s"]},
     ], ["path", "ttft_s", "decode_tok_s"]))
-    print(f"decode ratio served/direct {result['decode_ratio']:.3f}; TTFT +{result['ttft_over_direct_s'] * 1000:.0f} ms")
+    ratio = "n/a (every token of a run came in one chunk)" if result["decode_ratio"] is None else f"{result['decode_ratio']:.3f}"
+    print(f"decode ratio served/direct {ratio}; TTFT +{result['ttft_over_direct_s'] * 1000:.0f} ms")
     print(_table(served["concurrency"], ["concurrency", "wall_s", "aggregate_tok_s", "all_equal_sequential"]))
     print(f"launch to ready {served['launch_to_ready_s']:.1f}s; our loader {loads['ours_s']:.1f}s; "
           f"plain from_pretrained {loads['plain_from_pretrained_s']:.1f}s (fresh processes, float32, weights touched)")

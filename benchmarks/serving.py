@@ -12,7 +12,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -40,6 +40,17 @@ def messages(seed: int) -> List[Dict[str, Any]]:
                                          {"type": "text", "text": f"Describe picture number {seed}."}]}]
 
 
+def decode_rate(runs: Sequence[Tuple[int, float, float]]) -> Optional[float]:
+    """Median tokens/s after the first chunk over runs of (tokens, first chunk time, last chunk
+    time); None when no run's tokens came in more than one chunk.
+
+    A fast model asked for a few tokens can stream them all in one chunk (Xinference sends what
+    was generated since its last pull): such a run has no interval to time decoding over.
+    """
+    rates = [(tokens - 1) / (last - first) for tokens, first, last in runs if last > first]
+    return float(np.median(rates)) if rates else None
+
+
 def direct(path: Path, max_tokens: int, runs: int = 3) -> Dict[str, float]:
     """Prefill time and decode rate of ``generate`` on the loaded model, same prompt as served."""
     loaded = load_model(path, torch.float32, "cpu")
@@ -50,7 +61,7 @@ def direct(path: Path, max_tokens: int, runs: int = 3) -> Dict[str, float]:
     plan = plan_sampling({"temperature": 0, "max_tokens": max_tokens, "ignore_eos": True}, {}, [], 0,
                          encoded.input_ids.shape[1], 32768)
     inputs = {"input_ids": encoded.input_ids, "pixel_values": encoded.pixel_values}
-    ttfts, rates = [], []
+    ttfts, timings = [], []
     for _ in range(runs):
         start = time.perf_counter()
         first = last = None
@@ -61,8 +72,8 @@ def direct(path: Path, max_tokens: int, runs: int = 3) -> Dict[str, float]:
             last = now
             count += len(batch)
         ttfts.append(first - start)
-        rates.append((count - 1) / (last - first))
-    return {"ttft_s": float(np.median(ttfts)), "decode_tok_s": float(np.median(rates)),
+        timings.append((count, first, last))
+    return {"ttft_s": float(np.median(ttfts)), "decode_tok_s": decode_rate(timings),
             "prompt_tokens": int(encoded.input_ids.shape[1])}
 
 
@@ -98,7 +109,7 @@ def served(path: Path, max_tokens: int, runs: int = 3, concurrency=(1, 2, 4, 8),
         _stream_once(client, uid, messages(0), 2)  # warm-up
         samples = [_stream_once(client, uid, messages(0), max_tokens) for _ in range(runs)]
         result["ttft_s"] = float(np.median([s["first"] - s["start"] for s in samples]))
-        result["decode_tok_s"] = float(np.median([(s["tokens"] - 1) / (s["last"] - s["first"]) for s in samples]))
+        result["decode_tok_s"] = decode_rate([(s["tokens"], s["first"], s["last"]) for s in samples])
         result["prompt_tokens"] = samples[0]["prompt_tokens"]
 
         sequential = {seed: _stream_once(client, uid, messages(seed), conc_tokens)["text"] for seed in range(max(concurrency))}

@@ -32,3 +32,12 @@ def test_benchmarks_smoke(tmp_path):
     assert [r["concurrency"] for r in serving["concurrency"]] == [1, 2]
     assert all(r["all_equal_sequential"] for r in serving["concurrency"])
     assert serving["served"]["prompt_tokens"] == serving["direct"]["prompt_tokens"]
+
+
+def test_decode_rate_leaves_out_runs_streamed_in_one_chunk(monkeypatch):
+    # A few fast tokens can all arrive in one chunk: no decode interval to time, not a crash.
+    monkeypatch.syspath_prepend(str(ROOT))
+    from benchmarks.serving import decode_rate
+
+    assert decode_rate([(4, 1.0, 1.0)]) is None
+    assert decode_rate([(4, 1.0, 1.0), (5, 2.0, 3.0), (3, 1.0, 2.0), (9, 0.0, 1.0)]) == 4.0
