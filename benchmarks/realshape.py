@@ -14,21 +14,21 @@ from typing import Dict, Tuple
 import torch
 from safetensors.torch import save_file
 
+from ovis2_xinf.catalog import real_dimensions
 from ovis2_xinf.checkpoint import original_shapes
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "src" / "ovis2_xinf" / "assets" / "tiny-ovis2"
-REAL_DIMS = json.loads((ROOT / "tests" / "fixtures" / "real_dims.json").read_text())
 QUANTIZED = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
              "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
 
 def _layout(size: str) -> Tuple[Dict[str, Tuple[int, ...]], dict]:
-    dims = REAL_DIMS["sizes"][size]
-    hidden, inter, layers, heads, kv_heads, vocab, tied = dims["llm"]
-    v_hidden, v_inter, v_layers, v_heads = dims["vision"]
-    image, patch, stride, visual_vocab = (REAL_DIMS["image_size"], REAL_DIMS["patch_size"],
-                                          REAL_DIMS["hidden_stride"], REAL_DIMS["visual_vocab_size"])
+    dims = real_dimensions(int(size))
+    hidden, inter, layers, heads, kv_heads, vocab, tied = dims.llm
+    v_hidden, v_inter, v_layers, v_heads = dims.vision
+    visual = dims.visual_tokenizer
+    image, patch, stride, visual_vocab = visual.image_size, visual.patch_size, visual.hidden_stride, visual.vocab_size
     config = json.loads((TINY / "config.json").read_text())
     config["llm_config"].update(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
                                 num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab,
@@ -48,7 +48,7 @@ def _write_common(target: Path, config: dict) -> None:
                  "vocab.json", "merges.txt", "generation_config.json"):
         shutil.copy(TINY / name, target / name)
     preprocessor = json.loads((TINY / "preprocessor_config.json").read_text())
-    size = REAL_DIMS["image_size"]
+    size = real_dimensions(1).visual_tokenizer.image_size
     preprocessor.update(crop_size={"height": size, "width": size}, size={"shortest_edge": size})
     (target / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=1))
     (target / "config.json").write_text(json.dumps(config, indent=1))

@@ -149,3 +149,89 @@ def test_invalid_json_and_missing_file(tmp_path):
         load_catalog_file(bad)
     with pytest.raises(CatalogError, match="cannot read"):
         load_catalog_file(tmp_path / "absent.json")
+
+
+# --- metadata carried over from Xinference's built-in catalogue ---------------------------
+
+def _builtin_ovis2() -> dict:
+    """The installed Xinference's own Ovis2 catalogue entry, read from its package data."""
+    from importlib import resources
+
+    text = resources.files("xinference.model.llm").joinpath("models", "Ovis2.json").read_text(encoding="utf-8")
+    (family,) = json.loads(text)
+    return family
+
+
+def test_family_keeps_the_builtin_model_type_virtualenv_and_chat_template():
+    builtin, family = _builtin_ovis2(), load_catalog().family
+    assert family.model_type == builtin["model_type"] == "ovis"
+    assert family.virtualenv.model_dump() == builtin["virtualenv"]
+    assert family.chat_template == builtin["chat_template"]
+    for key in ("model_name", "context_length", "model_lang", "model_ability", "model_description",
+                "architectures", "stop", "stop_token_ids"):
+        assert getattr(family, key) == builtin[key], key
+
+
+def test_metadata_agrees_with_the_builtin_catalogue():
+    catalog = load_catalog()
+    builtin = {(s["model_format"], s["model_size_in_billions"]): s["model_src"] for s in _builtin_ovis2()["model_specs"]}
+    assert sorted(builtin) == sorted(spec.key for spec in catalog.specs)
+    for spec in catalog.specs:
+        source = builtin[spec.key]
+        for hub in HUBS:
+            assert source[hub]["model_id"] == spec.hubs[hub].model_id
+            assert source[hub]["quantizations"] == spec.quantizations
+        hf = source["huggingface"]
+        for quantization in spec.quantizations:
+            expected = hf["model_metadata_by_quantization"][quantization] if "model_metadata_by_quantization" in hf \
+                else hf["model_metadata"]
+            assert spec.metadata_for(quantization).model_dump() == expected, (spec.key, quantization)
+
+
+def test_every_spec_of_the_xinference_family_carries_metadata_on_both_hubs():
+    from ovis2_xinf.xinference_family import build_family
+
+    family = build_family()
+    assert family.model_type == "ovis" and family.virtualenv is not None and family.chat_template
+    by_choice = {}
+    for spec in family.model_specs:
+        assert spec.model_metadata is not None, (spec.model_hub, spec.model_id)
+        by_choice.setdefault((spec.model_format, spec.model_size_in_billions, spec.quantization), []).append(spec)
+    assert len(by_choice) == 12
+    int4, int8 = by_choice[("gptq", 34, "Int4")][0], by_choice[("gptq", 34, "Int8")][0]
+    assert int4.model_metadata.config_source.startswith("https://huggingface.co/AIDC-AI/Ovis2-34B-GPTQ-Int4/")
+    assert int8.model_metadata.config_sha256 != int4.model_metadata.config_sha256
+
+
+def _metadata(d: dict, index: int) -> dict:
+    return d["specs"][index].get("model_metadata") or d["specs"][index]["model_metadata_by_quantization"]["Int4"]
+
+
+def test_bad_metadata_is_named(raw):
+    assert "specs[0].model_metadata.config_sha256" in _broken(
+        raw, lambda d: d["specs"][0]["model_metadata"].update(config_sha256="abc"))
+    assert "specs[1].model_metadata.num_hidden_layers" in _broken(
+        raw, lambda d: d["specs"][1]["model_metadata"].update(num_hidden_layers=0))
+    assert "do not divide evenly" in _broken(raw, lambda d: d["specs"][2]["model_metadata"].update(num_key_value_heads=3))
+    assert "specs[3].model_metadata.config_source" in _broken(
+        raw, lambda d: d["specs"][3]["model_metadata"].update(config_source="https://example.com/config.json"))
+
+
+def test_metadata_of_another_repo_is_refused(raw):
+    def swap(d):
+        d["specs"][0]["model_metadata"]["config_source"] = d["specs"][1]["model_metadata"]["config_source"]
+    message = _broken(raw, swap)
+    assert "specs[0]" in message and "is not a config of AIDC-AI/Ovis2-1B" in message
+
+
+def test_metadata_per_quantization_must_cover_the_quantizations(raw):
+    assert "model_metadata_by_quantization has ['Int4'], quantizations are ['Int4', 'Int8']" in _broken(
+        raw, lambda d: d["specs"][10]["model_metadata_by_quantization"].pop("Int8"))
+    assert "exactly one of model_metadata and model_metadata_by_quantization" in _broken(
+        raw, lambda d: d["specs"][10].update(model_metadata=_metadata(d, 10)))
+    assert "exactly one of" in _broken(raw, lambda d: d["specs"][4].pop("model_metadata"))
+
+
+def test_pytorch_and_gptq_of_one_size_share_the_architecture(raw):
+    message = _broken(raw, lambda d: d["specs"][7]["architecture"]["vision"].update(num_hidden_layers=23))
+    assert "specs[7].architecture differs from the pytorch spec of the same size" in message

@@ -11,10 +11,12 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import FIXTURES, TINY, lose_a_shard, remove_weights, set_wrong_model_type
+from conftest import TINY, lose_a_shard, remove_weights, set_wrong_model_type
+from ovis2_xinf.catalog import load_catalog, real_dimensions
 from ovis2_xinf.checkpoint import (
     CheckpointError,
     OriginalCheckpoint,
+    config_digest_note,
     PlaceholderIds,
     convert_tensor,
     native_config,
@@ -24,7 +26,7 @@ from ovis2_xinf.checkpoint import (
 )
 from ovis2_xinf.loader import build_empty_model, choose_attention, load_model, plan_device_map
 
-REAL = json.loads((FIXTURES / "real_dims.json").read_text())
+REAL_SIZES = sorted({spec.model_size_in_billions for spec in load_catalog().specs})
 
 
 def synthetic_checkpoint(llm, vision, visual_vocab, image_size, patch, stride, tokenizer_size=None):
@@ -67,16 +69,21 @@ def _converted_shapes(layout) -> Dict[str, Tuple[int, ...]]:
     return converted
 
 
-@pytest.mark.parametrize("size", sorted(REAL["sizes"], key=int))
+def _real_checkpoint(size: int):
+    dims = real_dimensions(size)
+    visual = dims.visual_tokenizer
+    return dims, synthetic_checkpoint(dims.llm, dims.vision, visual.vocab_size, visual.image_size, visual.patch_size,
+                                      visual.hidden_stride)
+
+
+@pytest.mark.parametrize("size", REAL_SIZES)
 def test_real_size_mapping_covers_every_tensor(size):
-    dims = REAL["sizes"][size]
-    args = (dims["llm"], dims["vision"], REAL["visual_vocab_size"], REAL["image_size"], REAL["patch_size"], REAL["hidden_stride"])
-    checkpoint = synthetic_checkpoint(*args)
-    config = native_config(checkpoint, REAL["tokenizer_size"])
+    dims, checkpoint = _real_checkpoint(size)
+    config = native_config(checkpoint, dims.tokenizer_size)
     model = build_empty_model(config)
     native = _native_shapes(model)
-    converted = _converted_shapes(original_shapes(checkpoint.config, REAL["image_size"]))
-    if dims["llm"][6]:  # tied: lm_head shares the embedding matrix
+    converted = _converted_shapes(original_shapes(checkpoint.config, dims.visual_tokenizer.image_size))
+    if dims.llm[6]:  # tied: lm_head shares the embedding matrix
         converted["lm_head.weight"] = converted["model.language_model.embed_tokens.weight"]
     assert sorted(set(native) - set(converted)) == []  # no missing
     assert sorted(set(converted) - set(native)) == []  # no unexpected
@@ -126,9 +133,8 @@ def test_flash_attention_falls_back_to_sdpa_without_cuda():
 
 
 def test_device_map_splits_over_several_gpus_without_splitting_layers():
-    dims = REAL["sizes"]["8"]
-    checkpoint = synthetic_checkpoint(dims["llm"], dims["vision"], 65536, 448, 14, 2)
-    model = build_empty_model(native_config(checkpoint, 151665))
+    dims, checkpoint = _real_checkpoint(8)
+    model = build_empty_model(native_config(checkpoint, dims.tokenizer_size))
     gib = 1024**3
     device_map = plan_device_map(model, {0: 10 * gib, 1: 10 * gib, "cpu": 64 * gib}, torch.bfloat16)
     assert {0, 1} <= set(device_map.values())
@@ -214,3 +220,18 @@ def test_reopening_shards_while_loading_changes_nothing(monkeypatch, tiny_model)
     original = tiny_model.model.state_dict()
     assert reloaded.keys() == original.keys()
     assert all(torch.equal(reloaded[k], original[k]) for k in original)
+
+
+def test_config_digest_note_names_the_verified_revision(tmp_path):
+    import hashlib
+
+    from ovis2_xinf.catalog import load_catalog
+
+    metadata = load_catalog().specs[1].model_metadata
+    (tmp_path / "config.json").write_text('{"model_type": "ovis"}')
+    note = config_digest_note(tmp_path, metadata)
+    assert note and "config.json: sha256 " in note
+    assert "AIDC-AI/Ovis2-2B/resolve/63d303670a24612b2d0dd368490fcd7f75989d73/config.json" in note
+    same = metadata.model_copy(update={"config_sha256": hashlib.sha256(b'{"model_type": "ovis"}').hexdigest()})
+    assert config_digest_note(tmp_path, same) is None
+    assert config_digest_note(tmp_path, None) is None

@@ -26,6 +26,9 @@ PROBE = textwrap.dedent(
             "same_list": llm.SUPPORTED_ENGINES["Transformers"] is llm.TRANSFORMERS_CLASSES,
             "ovis2_families": sum(f.model_name == "Ovis2" for f in llm.BUILTIN_LLM_FAMILIES),
             "has_chat_template": family.chat_template is not None,
+            # Ours carries the catalogue metadata on both hubs; the built-in on Hugging Face only.
+            "modelscope_metadata": all(s.model_metadata is not None for s in family.model_specs
+                                       if s.model_hub == "modelscope"),
             "specs": sorted((s.model_hub, s.model_format, s.model_size_in_billions, s.quantization, s.model_id)
                             for s in family.model_specs),
             "choices": sorted((p["model_format"], p["model_size_in_billions"], tuple(p["quantizations"]),
@@ -83,7 +86,7 @@ def test_family_comes_from_specs_json(active):
 
     snap = active["initial"]
     assert snap["ovis2_families"] == 1
-    assert not snap["has_chat_template"]
+    assert snap["has_chat_template"] and snap["modelscope_metadata"]
     expected = sorted((r.hub, r.model_format, r.model_size_in_billions, r.quantization, r.model_id)
                       for r in resolve_all())
     assert [tuple(s) for s in snap["specs"]] == expected
@@ -111,7 +114,7 @@ def test_launch_resolves_to_our_class_and_hub_ids(active):
 def test_opt_out_env_var_keeps_the_builtin():
     snap = _probe(OVIS2_XINF_DISABLE="1")["initial"]
     assert snap["first_class"] != "Ovis2NativeChatModel"
-    assert snap["has_chat_template"]  # Xinference's own Ovis2 family
+    assert not snap["modelscope_metadata"]  # Xinference's own Ovis2 family
     assert not snap["status"]["class_first"] and not snap["status"]["family_is_ours"]
     assert {c[3] for c in snap["choices"]} == {"Ovis2ChatModel"}
 

@@ -95,7 +95,9 @@ def test_family_listed_as_builtin_with_our_specs(server):
     assert len(ovis) == 1 and ovis[0]["is_builtin"] is True
     family = ovis[0]
     assert family["model_ability"] == ["chat", "vision"] and family["context_length"] == 32768
-    assert family.get("chat_template") is None and family.get("virtualenv") is None
+    assert family["model_type"] == "ovis" and family["chat_template"].startswith("{%- if tools %}")
+    assert family["virtualenv"]["packages"][0] == '#transformers_dependencies# ; #engine# == "Transformers"'
+    assert all(s["model_metadata"]["architecture_type"] == "multimodal" for s in family["model_specs"])
     listed = sorted((s["model_hub"], s["model_format"], s["model_size_in_billions"], s["quantization"], s["model_id"])
                     for s in family["model_specs"])
     assert listed == sorted((r.hub, r.model_format, r.model_size_in_billions, r.quantization, r.model_id)

@@ -8,14 +8,18 @@ a mistake in the file must fail loudly at load time, naming the place in the fil
 from __future__ import annotations
 
 import json
+import re
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import Dict, List, Literal, Optional, Tuple, Union
+from typing import Dict, List, Literal, NamedTuple, Optional, Tuple, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 PLACEHOLDER = "{quantization}"
+SHA256 = r"^[0-9a-f]{64}$"
+#: Where a spec's metadata was read: a Hugging Face ``config.json`` pinned to a commit.
+CONFIG_SOURCE = r"^https://huggingface\.co/(?P<repo>[^/]+/[^/]+)/resolve/(?P<commit>[0-9a-f]{40})/config\.json$"
 Hub = Literal["huggingface", "modelscope"]
 HUBS: Tuple[str, ...] = ("huggingface", "modelscope")
 ModelFormat = Literal["pytorch", "gptq"]
@@ -38,6 +42,77 @@ class HubSource(_Strict):
     model_revision: Optional[str] = Field(default=None, min_length=1)
 
 
+class ModelMetadata(_Strict):
+    """The LLM's dimensions as read from the checkpoint's ``config.json``.
+
+    The same fields as Xinference's own ``ModelMetadata``: its memory estimates (``cal-model-mem``,
+    the web UI's recommended configuration) read them instead of downloading the config.
+    """
+
+    vocab_size: int = Field(gt=0)
+    num_attention_heads: int = Field(gt=0)
+    num_key_value_heads: int = Field(gt=0)
+    config_source: str = Field(pattern=CONFIG_SOURCE)
+    config_sha256: str = Field(pattern=SHA256)
+    architecture_type: Literal["multimodal"]
+    hidden_size: int = Field(gt=0)
+    intermediate_size: int = Field(gt=0)
+    num_hidden_layers: int = Field(gt=0)
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> "ModelMetadata":
+        if self.hidden_size % self.num_attention_heads or self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size}, num_attention_heads {self.num_attention_heads} and "
+                f"num_key_value_heads {self.num_key_value_heads} do not divide evenly"
+            )
+        return self
+
+    @property
+    def config_commit(self) -> str:
+        return re.match(CONFIG_SOURCE, self.config_source).group("commit")  # type: ignore[union-attr]
+
+    @property
+    def config_repo(self) -> str:
+        return re.match(CONFIG_SOURCE, self.config_source).group("repo")  # type: ignore[union-attr]
+
+
+class VisionBackbone(_Strict):
+    """The AIMv2 backbone of the visual tokenizer (not part of Xinference's metadata)."""
+
+    hidden_size: int = Field(gt=0)
+    intermediate_size: int = Field(gt=0)
+    num_hidden_layers: int = Field(gt=0)
+    num_attention_heads: int = Field(gt=0)
+
+
+class Architecture(_Strict):
+    """What the real-size checks need beyond the LLM metadata."""
+
+    tie_word_embeddings: bool
+    vision: VisionBackbone
+
+
+class VisualTokenizer(_Strict):
+    image_size: int = Field(gt=0)
+    patch_size: int = Field(gt=0)
+    hidden_stride: int = Field(gt=0)
+    vocab_size: int = Field(gt=0)
+
+    @model_validator(mode="after")
+    def _patches_fit(self) -> "VisualTokenizer":
+        if self.image_size % (self.patch_size * self.hidden_stride):
+            raise ValueError(
+                f"image_size {self.image_size} is not a multiple of patch_size x hidden_stride "
+                f"({self.patch_size} x {self.hidden_stride})"
+            )
+        return self
+
+
+class VirtualEnv(_Strict):
+    packages: List[str] = Field(min_length=1)
+
+
 class FamilyInfo(_Strict):
     model_name: str = Field(min_length=1)
     context_length: int = Field(gt=0)
@@ -47,6 +122,12 @@ class FamilyInfo(_Strict):
     architectures: List[str] = Field(min_length=1)
     stop: List[str] = Field(min_length=1)
     stop_token_ids: List[int] = Field(min_length=1)
+    model_type: str = Field(min_length=1)
+    virtualenv: VirtualEnv
+    chat_template: str = Field(min_length=1)
+    visual_tokenizer: VisualTokenizer
+    #: ``len(tokenizer)`` of the real checkpoints (the embedding matrix is padded above it).
+    tokenizer_size: int = Field(gt=0)
 
 
 class ModelSpec(_Strict):
@@ -54,6 +135,9 @@ class ModelSpec(_Strict):
     model_size_in_billions: int = Field(gt=0)
     quantizations: List[str] = Field(min_length=1)
     hubs: Dict[Hub, HubSource]
+    model_metadata: Optional[ModelMetadata] = None
+    model_metadata_by_quantization: Optional[Dict[str, ModelMetadata]] = None
+    architecture: Architecture
 
     @field_validator("quantizations")
     @classmethod
@@ -84,7 +168,27 @@ class ModelSpec(_Strict):
             stripped = source.model_id.replace(PLACEHOLDER, "")
             if "{" in stripped or "}" in stripped:
                 raise ValueError(f"hubs.{hub}.model_id {source.model_id!r} has an unknown placeholder")
+        if (self.model_metadata is None) == (self.model_metadata_by_quantization is None):
+            raise ValueError("give exactly one of model_metadata and model_metadata_by_quantization")
+        if self.model_metadata_by_quantization is not None:
+            if sorted(self.model_metadata_by_quantization) != sorted(self.quantizations):
+                raise ValueError(
+                    f"model_metadata_by_quantization has {sorted(self.model_metadata_by_quantization)}, "
+                    f"quantizations are {sorted(self.quantizations)}"
+                )
+        for quantization in self.quantizations:
+            metadata = self.metadata_for(quantization)
+            repo = self.hubs["huggingface"].model_id.replace(PLACEHOLDER, quantization)
+            if metadata.config_repo != repo:
+                raise ValueError(f"config_source {metadata.config_source!r} is not a config of {repo}")
         return self
+
+    def metadata_for(self, quantization: str) -> ModelMetadata:
+        """The metadata of one quantization (the same for all where the spec has one block)."""
+        if self.model_metadata_by_quantization is not None:
+            return self.model_metadata_by_quantization[quantization]
+        assert self.model_metadata is not None
+        return self.model_metadata
 
     @property
     def key(self) -> Tuple[str, int]:
@@ -92,7 +196,7 @@ class ModelSpec(_Strict):
 
 
 class Catalog(_Strict):
-    schema_version: Literal[1]
+    schema_version: Literal[2]
     family: FamilyInfo
     specs: List[ModelSpec] = Field(min_length=1)
 
@@ -106,6 +210,12 @@ class Catalog(_Strict):
                     f"(format {spec.model_format!r}, size {spec.model_size_in_billions}B)"
                 )
             seen[spec.key] = index
+        for index, spec in enumerate(self.specs):
+            twin = next((s for s in self.specs if s.model_size_in_billions == spec.model_size_in_billions), spec)
+            if spec.architecture != twin.architecture:
+                raise ValueError(
+                    f"specs[{index}].architecture differs from the {twin.model_format} spec of the same size"
+                )
         return self
 
     def variants(self) -> List[Tuple[ModelSpec, str]]:
@@ -217,6 +327,31 @@ def resolve(
         model_id=source.model_id.replace(PLACEHOLDER, quant),
         model_revision=source.model_revision,
     )
+
+
+class RealDimensions(NamedTuple):
+    """A real checkpoint's shapes, for building it on the meta device or with random weights."""
+
+    #: hidden, intermediate, layers, heads, KV heads, vocabulary, tied embeddings
+    llm: Tuple[int, int, int, int, int, int, bool]
+    #: AIMv2 hidden, intermediate, layers, heads
+    vision: Tuple[int, int, int, int]
+    visual_tokenizer: VisualTokenizer
+    tokenizer_size: int
+
+
+def real_dimensions(size_in_billions: int, catalog: Optional[Catalog] = None) -> RealDimensions:
+    """The dimensions the catalogue records for one size (of its pytorch spec)."""
+    catalog = catalog or load_catalog()
+    spec = next((s for s in catalog.specs if s.key == ("pytorch", size_in_billions)), None)
+    if spec is None:
+        raise SpecLookupError(f"no pytorch Ovis2 spec of {size_in_billions}B; valid choices: {_choices(catalog)}")
+    m, arch = spec.metadata_for("none"), spec.architecture
+    llm = (m.hidden_size, m.intermediate_size, m.num_hidden_layers, m.num_attention_heads, m.num_key_value_heads,
+           m.vocab_size, arch.tie_word_embeddings)
+    v = arch.vision
+    vision = (v.hidden_size, v.intermediate_size, v.num_hidden_layers, v.num_attention_heads)
+    return RealDimensions(llm, vision, catalog.family.visual_tokenizer, catalog.family.tokenizer_size)
 
 
 def resolve_all(catalog: Optional[Catalog] = None) -> List[ResolvedSpec]:

@@ -7,6 +7,7 @@ they stream out of the safetensors shards, so no converted copy is ever written.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -232,6 +233,29 @@ def original_shapes(config: Dict[str, Any], image_size: int) -> Dict[str, Tuple[
             p + "mlp.fc3.weight": (v_inter, v_hidden), p + "norm_1.weight": (v_hidden,), p + "norm_2.weight": (v_hidden,),
         })
     return shapes
+
+
+def config_digest_note(path: Union[str, Path], metadata: Any) -> Optional[str]:
+    """Why the catalogue's memory metadata may not describe this checkpoint, or None.
+
+    ``metadata`` is a spec's ``model_metadata`` (``config_source`` pinned to a commit,
+    ``config_sha256``). Repos move on after the catalogue was read, so a differing
+    ``config.json`` is reported, not refused: the weights are what the user asked for.
+    """
+    expected = getattr(metadata, "config_sha256", None)
+    if not expected:
+        return None
+    config = Path(path) / "config.json"
+    try:
+        actual = hashlib.sha256(config.read_bytes()).hexdigest()
+    except OSError:
+        return None
+    if actual == expected:
+        return None
+    return (
+        f"{config}: sha256 {actual} differs from the config the catalogue's metadata was verified on "
+        f"({metadata.config_source}, sha256 {expected}); memory estimates describe that revision"
+    )
 
 
 def tokens_per_crop(config) -> int:

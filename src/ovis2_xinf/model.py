@@ -26,7 +26,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 import torch
 from xinference.model.llm.transformers.core import PytorchChatModel
 
-from .checkpoint import tokens_per_crop
+from .checkpoint import config_digest_note, tokens_per_crop
 from .errors import Ovis2RequestError
 from .generation import GenerationGate, SamplingPlan, TextEvent, plan_sampling, stream_text, stream_tokens
 from .media import MediaLimits
@@ -145,6 +145,9 @@ class Ovis2NativeChatModel(PytorchChatModel):
         self._limits = MediaLimits.from_env()
         hold_whole_images(self._limits.max_image_pixels)  # request images are then read in place
         self._gate = GenerationGate()
+        note = config_digest_note(self.model_path, getattr(self.model_spec, "model_metadata", None))
+        if note:
+            logger.warning("Ovis2 %s: %s", self.model_spec.model_id, note)
         logger.info(
             "Ovis2 loaded from %s on %s (%s, attention %s, context %d)",
             self.model_path, device, dtype, loaded.model.config._attn_implementation, self._context_length,

@@ -17,7 +17,9 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 
 def build_family(catalog: Optional[Catalog] = None) -> "LLMFamilyV2":
     """The ``LLMFamilyV2`` that Xinference lists and launches for Ovis2."""
+    from xinference.model.core import VirtualEnvSettings
     from xinference.model.llm.llm_family import LLMFamilyV2, PytorchLLMSpecV2
+    from xinference.model.llm.model_metadata import ModelMetadata
 
     catalog = catalog or load_catalog()
     info = catalog.family
@@ -35,6 +37,9 @@ def build_family(catalog: Optional[Catalog] = None) -> "LLMFamilyV2":
                     model_id=resolved.model_id,
                     model_hub=hub,
                     model_revision=resolved.model_revision,
+                    # On both hubs: ModelScope mirrors the same AIDC-AI repos (the built-in
+                    # family has it on Hugging Face only, so its ModelScope estimates download).
+                    model_metadata=ModelMetadata(**spec.metadata_for(quantization).model_dump()),
                 )
             )
     family = LLMFamilyV2(
@@ -48,6 +53,9 @@ def build_family(catalog: Optional[Catalog] = None) -> "LLMFamilyV2":
         architectures=list(info.architectures),
         stop=list(info.stop),
         stop_token_ids=list(info.stop_token_ids),
+        chat_template=info.chat_template,
+        virtualenv=VirtualEnvSettings(packages=list(info.virtualenv.packages)),
+        model_type=info.model_type,
     )
     family.is_builtin = True
     return family
