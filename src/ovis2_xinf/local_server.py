@@ -1,7 +1,9 @@
 """A throwaway ``xinference-local`` on loopback, for the demo, tests and benchmarks.
 
 Each server gets a free port, its own ``XINFERENCE_HOME`` in a temporary directory and
-a closed stdin, and is stopped by PID (its whole process group) at the end.
+a closed stdin, and is stopped by PID (its whole process group) at the end. Authentication
+is off unless asked for (``auth=True``): then the server starts in Xinference's first-run
+state, with no account, and prints a setup token to its log (see :meth:`LocalServer.setup_token`).
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -24,6 +27,8 @@ import httpx
 logger = logging.getLogger(__name__)
 
 HOST = "127.0.0.1"
+# Xinference's first-run notice (xinference/api/restful_api.py, _log_setup_required_notice).
+_SETUP_TOKEN = re.compile(r"Setup token: (\S+)")
 
 
 def free_port() -> int:
@@ -33,11 +38,12 @@ def free_port() -> int:
 
 
 class LocalServer:
-    def __init__(self, home: Path, port: int, process: subprocess.Popen, log_path: Path):
+    def __init__(self, home: Path, port: int, process: subprocess.Popen, log_path: Path, auth: bool = False):
         self.home = home
         self.port = port
         self.process = process
         self.log_path = log_path
+        self.auth = auth
 
     @property
     def endpoint(self) -> str:
@@ -48,6 +54,11 @@ class LocalServer:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return ""
+
+    def setup_token(self) -> Optional[str]:
+        """The latest first-run setup token in the log (auth on, no account yet), else None."""
+        found = _SETUP_TOKEN.findall(self.log_path.read_text(errors="replace")) if self.auth else []
+        return found[-1] if found else None
 
     def xinference(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
         """Run the ``xinference`` CLI against this server."""
@@ -102,9 +113,14 @@ def _stop(process: subprocess.Popen, grace: float = 20.0) -> None:
 
 @contextlib.contextmanager
 def local_server(
-    extra_env: Optional[Dict[str, str]] = None, startup_timeout: float = 240.0, keep_home: bool = False
+    extra_env: Optional[Dict[str, str]] = None, startup_timeout: float = 240.0, keep_home: bool = False,
+    auth: bool = False,
 ) -> Iterator[LocalServer]:
-    """Start ``xinference-local`` on 127.0.0.1 and stop it (and its children) after."""
+    """Start ``xinference-local`` on 127.0.0.1 and stop it (and its children) after.
+
+    ``auth=True`` keeps Xinference's authentication on; readiness is then a 401 from
+    ``/v1/models`` (the API answers, with no credentials to give it yet).
+    """
     home = Path(tempfile.mkdtemp(prefix="ovis2-xinf-home-"))
     port = free_port()
     env = dict(os.environ)
@@ -112,8 +128,8 @@ def local_server(
         XINFERENCE_HOME=str(home),
         XINFERENCE_MODEL_SRC=env.get("XINFERENCE_MODEL_SRC", "huggingface"),
         HF_HUB_OFFLINE="1",
-        # A throwaway server on loopback: no accounts to set up.
-        XINFERENCE_AUTH_ADVANCED="0",
+        # A throwaway server on loopback: no accounts to set up, unless auth is asked for.
+        XINFERENCE_AUTH_ADVANCED="1" if auth else "0",
         PYTHONUNBUFFERED="1",
     )
     env.update(extra_env or {})
@@ -123,21 +139,23 @@ def local_server(
         [console_script("xinference-local"), "--host", HOST, "--port", str(port)],
         stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
     )
-    server = LocalServer(home, port, process, log_path)
+    server = LocalServer(home, port, process, log_path, auth=auth)
+    ready = (200, 401) if auth else (200,)
     try:
         deadline = time.monotonic() + startup_timeout
         while True:
             if process.poll() is not None:
                 raise RuntimeError(f"xinference-local exited with {process.returncode}:\n{server.log_tail()}")
             try:
-                if httpx.get(f"{server.endpoint}/v1/models", timeout=2).status_code == 200:
+                if httpx.get(f"{server.endpoint}/v1/models", timeout=2).status_code in ready:
                     break
             except httpx.HTTPError:
                 pass
             if time.monotonic() > deadline:
                 raise TimeoutError(f"xinference-local not ready after {startup_timeout}s:\n{server.log_tail()}")
             time.sleep(0.5)
-        logger.info("xinference-local ready at %s (home %s)", server.endpoint, home)
+        logger.info("xinference-local ready at %s (home %s, auth %s)", server.endpoint, home,
+                    "on" if auth else "off")
         yield server
     finally:
         _stop(process)
