@@ -10,16 +10,15 @@ import io
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from PIL import Image
 
 from ovis2_xinf.checkpoint import tokens_per_crop
-from ovis2_xinf.generation import plan_sampling, stream_tokens
+from ovis2_xinf.generation import plan_sampling
 from ovis2_xinf.loader import load_model
 from ovis2_xinf.local_server import local_server
 from ovis2_xinf.media import MediaLimits
@@ -51,6 +50,35 @@ def decode_rate(runs: Sequence[Tuple[int, float, float]]) -> Optional[float]:
     return float(np.median(rates)) if rates else None
 
 
+def _generate_stream(model, inputs: Dict[str, Any], plan) -> Iterator[List[int]]:
+    """Plain transformers ``generate`` (the baseline), its new tokens as they come."""
+    import queue
+    import threading
+
+    from transformers.generation.streamers import BaseStreamer
+
+    tokens: "queue.Queue" = queue.Queue()
+
+    class Streamer(BaseStreamer):
+        prompt_seen = False
+
+        def put(self, value):
+            if self.prompt_seen:
+                tokens.put(value.reshape(-1).tolist())
+            self.prompt_seen = True
+
+        def end(self):
+            tokens.put(None)
+
+    def run():
+        with torch.inference_mode():
+            model.generate(**inputs, **plan.generate_kwargs, streamer=Streamer())
+
+    threading.Thread(target=run, daemon=True).start()
+    while (batch := tokens.get()) is not None:
+        yield batch
+
+
 def direct(path: Path, max_tokens: int, runs: int = 3) -> Dict[str, float]:
     """Prefill time and decode rate of ``generate`` on the loaded model, same prompt as served."""
     loaded = load_model(path, torch.float32, "cpu")
@@ -66,7 +94,7 @@ def direct(path: Path, max_tokens: int, runs: int = 3) -> Dict[str, float]:
         start = time.perf_counter()
         first = last = None
         count = 0
-        for batch in stream_tokens(loaded.model, inputs, plan):
+        for batch in _generate_stream(loaded.model, inputs, plan):
             now = time.perf_counter()
             first = first or now
             last = now
@@ -96,7 +124,8 @@ def _stream_once(client, uid: str, msgs, max_tokens: int) -> Dict[str, Any]:
             "prompt_tokens": usage.prompt_tokens}
 
 
-def served(path: Path, max_tokens: int, runs: int = 3, concurrency=(1, 2, 4, 8), conc_tokens: int = 16) -> Dict[str, Any]:
+def served(path: Path, max_tokens: int, runs: int = 3) -> Dict[str, Any]:
+    """TTFT and decode rate of one stream at a time (concurrency: :mod:`benchmarks.concurrency`)."""
     from openai import OpenAI
 
     result: Dict[str, Any] = {}
@@ -111,19 +140,6 @@ def served(path: Path, max_tokens: int, runs: int = 3, concurrency=(1, 2, 4, 8),
         result["ttft_s"] = float(np.median([s["first"] - s["start"] for s in samples]))
         result["decode_tok_s"] = decode_rate([(s["tokens"], s["first"], s["last"]) for s in samples])
         result["prompt_tokens"] = samples[0]["prompt_tokens"]
-
-        sequential = {seed: _stream_once(client, uid, messages(seed), conc_tokens)["text"] for seed in range(max(concurrency))}
-        rows = []
-        for level in concurrency:
-            start = time.perf_counter()
-            with ThreadPoolExecutor(level) as pool:
-                outs = list(pool.map(lambda seed: _stream_once(client, uid, messages(seed), conc_tokens), range(level)))
-            wall = time.perf_counter() - start
-            rows.append({
-                "concurrency": level, "wall_s": wall, "aggregate_tok_s": sum(o["tokens"] for o in outs) / wall,
-                "all_equal_sequential": all(o["text"] == sequential[i] for i, o in enumerate(outs)),
-            })
-        result["concurrency"] = rows
     return result
 
 

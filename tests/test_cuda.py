@@ -74,3 +74,39 @@ def test_gptq_kernels_on_cuda_follow_the_original(variant, name, record_property
     expected = json.loads((cases_dir / "cases.json").read_text())["cases"][name]
     torch.testing.assert_close(logits, references[f"{name}.last_logits"], atol=0.08, rtol=0.02)
     assert tokens[0] == expected["greedy_ids"][0]
+
+
+def test_batched_float32_on_cuda_gives_every_case_its_greedy_tokens():
+    """Continuous batching on the GPU: all golden cases at once, each its reference tokens."""
+    from test_batching import GOLDEN, NAMES as ALL_CASES, case_inputs, greedy, scheduler, tokens
+
+    loaded = load_model(TINY, torch.float32, "cuda")
+    sched = scheduler(loaded, max_num_seqs=8)
+    try:
+        streams = {}
+        for name in ALL_CASES:
+            inputs = {k: v.to("cuda") for k, v in case_inputs(loaded, name).items()}
+            streams[name] = sched.submit(inputs, greedy(inputs["input_ids"].shape[1]))
+        for name, stream in streams.items():
+            assert tokens(stream) == GOLDEN["cases"][name]["greedy_ids"], name
+        assert sched.stats.max_batch >= 4
+    finally:
+        sched.close()
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs for a device map")
+def test_batched_decoding_over_a_device_map():
+    from test_batching import GOLDEN, case_inputs, greedy, scheduler, tokens
+
+    gib, weights = 1 << 30, (TINY / "model.safetensors").stat().st_size
+    loaded = load_model(TINY, torch.float32, "cuda:0", max_memory={0: weights // 2, 1: 8 * gib, "cpu": 8 * gib})
+    assert len({p.device for p in loaded.model.parameters()}) > 1
+    sched = scheduler(loaded, max_num_seqs=4)
+    try:
+        names = ("text_only", "single_wide", "multi_image", "video")
+        streams = {n: sched.submit({k: v.to("cuda:0") for k, v in case_inputs(loaded, n).items()},
+                                   greedy(case_inputs(loaded, n)["input_ids"].shape[1])) for n in names}
+        for name, stream in streams.items():
+            assert tokens(stream) == GOLDEN["cases"][name]["greedy_ids"], name
+    finally:
+        sched.close()

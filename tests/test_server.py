@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import http.server
 import json
+import re
 import threading
 from pathlib import Path
 
@@ -274,3 +275,48 @@ def test_prompt_over_context_length_is_refused(client, uid):
     with pytest.raises(BadRequestError) as info:
         client.chat.completions.create(model=uid, messages=[{"role": "user", "content": long_text}], max_tokens=4)
     assert "reach the context length of 4096" in info.value.response.json()["detail"]
+
+
+# --- continuous batching over HTTP ---------------------------------------------------------
+
+def test_concurrent_mixed_requests_are_batched_and_each_gets_its_solo_answer(server, client, uid, tokenizer, cases):
+    from concurrent.futures import ThreadPoolExecutor
+
+    square = data_url(CASES_DIR / "images" / "square.png")
+    seeded = [{"role": "user", "content": [image_part(square), text_part("Describe the image.")]}]
+
+    def greedy_text():
+        return client.chat.completions.create(model=uid, messages=[{"role": "user", "content": "hello, who are you?"}],
+                                              max_tokens=8, **GREEDY).choices[0].message.content
+
+    def sampled(stream: bool):
+        kwargs = dict(model=uid, messages=seeded, max_tokens=24, seed=77, temperature=0.9, top_p=0.9)
+        if not stream:
+            reply = client.chat.completions.create(**kwargs)
+            return reply.choices[0].message.content, reply.usage.completion_tokens, reply.choices[0].finish_reason
+        pieces, usage, finish = [], None, None
+        for chunk in client.chat.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}):
+            if chunk.choices:
+                pieces.append(chunk.choices[0].delta.content or "")
+                finish = chunk.choices[0].finish_reason or finish
+            usage = chunk.usage or usage
+        return "".join(pieces), usage.completion_tokens, finish
+
+    def long_stream_given_up():
+        stream = client.chat.completions.create(model=uid, messages=seeded, max_tokens=3000, stream=True,
+                                                extra_body={"ignore_eos": True})
+        for index, _ in enumerate(stream):
+            if index == 3:
+                stream.close()  # this client leaves; the others must not notice
+                return "left"
+
+    alone = sampled(False)
+    with ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(long_stream_given_up)]
+        futures += [pool.submit(sampled, i % 2 == 0) for i in range(4)] + [pool.submit(greedy_text) for _ in range(3)]
+        results = [f.result(timeout=300) for f in futures]
+    assert results[0] == "left"
+    assert all(r == alone for r in results[1:5]), (results[1:5], alone)  # seeded: the same alone and batched
+    assert all(r == expected_text(tokenizer, cases["text_only"]) for r in results[5:])
+    peaks = [int(m) for m in re.findall(r"(\d+) rows decoding together", server.log_tail(2000))]
+    assert peaks and max(peaks) >= 2, "the requests never shared a decode step"

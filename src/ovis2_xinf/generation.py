@@ -1,27 +1,19 @@
-"""Sampling settings and the token stream shared by streaming and non-streaming chat.
+"""Sampling settings, and the text of the token stream shared by streaming and non-streaming chat.
 
-Both paths consume the same :func:`stream_tokens` iterator, so for the same seed they
-produce the same text. Generation runs in a background thread; closing the iterator
-(a client that disconnects) stops it at the next token. Tokens are handed over in
-batches of whatever was generated since the last pull, so a consumer slower than the
-model (each streamed chunk is a round trip between Xinference's processes) sends
-fewer, larger chunks instead of falling behind.
+Both paths read the same stream of token batches from the scheduler
+(:mod:`ovis2_xinf.batching`), so for the same seed they produce the same text. A batch
+holds whatever was generated since the last pull, so a consumer slower than the model
+(each streamed chunk is a round trip between Xinference's processes) sends fewer, larger
+chunks instead of falling behind.
 """
 
 from __future__ import annotations
 
-import collections
-import logging
-import queue
-import threading
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence
 
-import torch
 
 from .errors import Ovis2LimitError, Ovis2RequestError
-
-logger = logging.getLogger(__name__)
 
 SAMPLING_DEFAULTS = {"do_sample": False, "temperature": 1.0, "top_p": 1.0, "top_k": 50, "repetition_penalty": 1.0}
 DEFAULT_MAX_TOKENS = 1024
@@ -100,147 +92,6 @@ def plan_sampling(
     if config.get("ignore_eos"):
         kwargs["min_new_tokens"] = max_new_tokens
     return SamplingPlan(kwargs, seed, stop, max_new_tokens)
-
-
-class _TokenQueue:
-    """A transformers streamer that hands generated token ids to another thread."""
-
-    def __init__(self):
-        self.queue: "queue.Queue[Union[int, BaseException, None]]" = queue.Queue()
-        self.produced = 0
-        self._prompt_seen = False
-
-    def put(self, value: torch.Tensor) -> None:
-        if not self._prompt_seen:
-            self._prompt_seen = True
-            return
-        for token in value.reshape(-1).tolist():
-            self.produced += 1
-            self.queue.put(int(token))
-
-    def end(self) -> None:
-        self.queue.put(None)
-
-
-class _Cancelled:
-    """Stopping criterion flipped from the consumer side."""
-
-    def __init__(self, event: threading.Event):
-        self.event = event
-        self.fired = False
-
-    def __call__(self, input_ids, scores, **kwargs):
-        self.fired = self.fired or self.event.is_set()
-        return torch.full((input_ids.shape[0],), self.fired, dtype=torch.bool, device=input_ids.device)
-
-
-class GenerationGate:
-    """Lets one generation run at a time, the others wait in arrival order.
-
-    A waiter whose request is cancelled leaves the line at once, so a client that
-    gives up while queued costs nothing.
-    """
-
-    def __init__(self):
-        self._running = False
-        self._line: "collections.deque[object]" = collections.deque()
-        self._changed = threading.Condition()
-
-    def enter(self, cancelled: threading.Event, poll_s: float = 0.05) -> bool:
-        """Wait for the turn; False when ``cancelled`` was set first."""
-        ticket = object()
-        with self._changed:
-            self._line.append(ticket)
-            while True:
-                if cancelled.is_set():
-                    self._line.remove(ticket)
-                    self._changed.notify_all()
-                    return False
-                if not self._running and self._line[0] is ticket:
-                    self._line.popleft()
-                    self._running = True
-                    self._changed.notify_all()
-                    return True
-                self._changed.wait(poll_s)
-
-    def leave(self) -> None:
-        with self._changed:
-            self._running = False
-            self._changed.notify_all()
-
-    @property
-    def busy(self) -> bool:
-        """Whether a generation is running or waiting."""
-        with self._changed:
-            return bool(self._running or self._line)
-
-
-def stream_tokens(
-    model, inputs: Dict[str, Any], plan: SamplingPlan, gate: Optional[GenerationGate] = None
-) -> Iterator[List[int]]:
-    """Yield the token ids generated since the last pull (at least one); closing the
-    iterator stops generation.
-
-    With a ``gate``, generation starts only once the gate lets it in; closing the
-    iterator while waiting gives the place up.
-    """
-    from transformers import StoppingCriteriaList
-
-    streamer = _TokenQueue()
-    cancelled = threading.Event()
-    stop_when_cancelled = _Cancelled(cancelled)
-
-    def run() -> None:
-        if gate is not None and not gate.enter(cancelled):
-            streamer.end()
-            return
-        try:
-            if plan.seed is not None:
-                torch.manual_seed(plan.seed)
-                if torch.cuda.is_available():
-                    torch.cuda.manual_seed_all(plan.seed)
-            with torch.inference_mode():
-                model.generate(
-                    **inputs,
-                    **plan.generate_kwargs,
-                    streamer=streamer,
-                    stopping_criteria=StoppingCriteriaList([stop_when_cancelled]),
-                )
-            if stop_when_cancelled.fired:
-                logger.info("generation stopped after %d tokens: its consumer stopped reading", streamer.produced)
-        except BaseException as exc:  # handed to the consumer thread
-            streamer.queue.put(exc)
-            streamer.queue.put(None)
-        finally:
-            if gate is not None:
-                gate.leave()
-
-    thread = threading.Thread(target=run, name="ovis2-generate", daemon=True)
-    thread.start()
-    try:
-        done = False
-        while not done:
-            batch: List[int] = []
-            item = streamer.queue.get()
-            while True:
-                if item is None:
-                    done = True
-                    break
-                if isinstance(item, BaseException):
-                    raise item
-                batch.append(item)
-                try:
-                    item = streamer.queue.get_nowait()
-                except queue.Empty:
-                    break
-            if batch:
-                yield batch
-    finally:
-        cancelled.set()
-        # The garbage collector may finalize an abandoned stream on any thread,
-        # the generating one included; that one stops by itself after this token.
-        if threading.current_thread() is not thread:
-            thread.join()
 
 
 @dataclass

@@ -6,9 +6,9 @@ It loads the original AIDC-AI checkpoints without running their code (see
 
 Concurrency: the class tells Xinference it may be called concurrently
 (``allow_batch = True``), so requests are parsed, fetched and preprocessed in parallel
-and a stream is pulled only as fast as its client reads it. The generations themselves
-pass one at a time, in arrival order, through a :class:`~ovis2_xinf.generation.GenerationGate`
-(no two requests ever share a generation, and seeded sampling stays reproducible).
+and a stream is pulled only as fast as its client reads it. The generations share the
+model's decode steps through our own :class:`~ovis2_xinf.batching.BatchScheduler`
+(continuous batching; Xinference's scheduler stays off, docs/architecture.md says why).
 With ``allow_batch = False`` Xinference would instead drain every stream eagerly in the
 model process, and a client that disconnects could not stop its generation (see also
 :func:`ovis2_xinf.registration.close_dropped_streams`).
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 import uuid
 from dataclasses import dataclass
@@ -28,7 +29,8 @@ from xinference.model.llm.transformers.core import PytorchChatModel
 
 from .checkpoint import config_digest_note, tokens_per_crop
 from .errors import Ovis2RequestError
-from .generation import GenerationGate, SamplingPlan, TextEvent, plan_sampling, stream_text, stream_tokens
+from .batching import BatchScheduler, default_kv_budget, kv_bytes_per_token
+from .generation import SamplingPlan, TextEvent, plan_sampling, stream_text
 from .media import MediaLimits
 from .messages import build_conversation
 from .preprocessing import Ovis2ImagePreprocessor
@@ -39,6 +41,7 @@ from .resample import hold_whole_images
 logger = logging.getLogger(__name__)
 
 SUPPORTED_FORMATS = ("pytorch", "gptq")
+KV_BUDGET_ENV = "OVIS2_XINF_KV_CACHE_BUDGET_MIB"
 SPECIAL_TOKENS = ("<|im_end|>", "<|endoftext|>")
 
 
@@ -144,7 +147,7 @@ class Ovis2NativeChatModel(PytorchChatModel):
         )
         self._limits = MediaLimits.from_env()
         hold_whole_images(self._limits.max_image_pixels)  # request images are then read in place
-        self._gate = GenerationGate()
+        self._scheduler = self._start_scheduler(config, loaded)
         note = config_digest_note(self.model_path, getattr(self.model_spec, "model_metadata", None))
         if note:
             logger.warning("Ovis2 %s: %s", self.model_spec.model_id, note)
@@ -152,6 +155,31 @@ class Ovis2NativeChatModel(PytorchChatModel):
             "Ovis2 loaded from %s on %s (%s, attention %s, context %d)",
             self.model_path, device, dtype, loaded.model.config._attn_implementation, self._context_length,
         )
+
+    def _start_scheduler(self, config: Dict[str, Any], loaded) -> BatchScheduler:
+        max_num_seqs = config.get("max_num_seqs") or 16
+        if isinstance(max_num_seqs, bool) or not isinstance(max_num_seqs, int) or max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs: must be a positive integer, got {max_num_seqs!r}")
+        budget_mib = config.get("kv_cache_budget_mib") or os.environ.get(KV_BUDGET_ENV)
+        if budget_mib is not None:
+            try:
+                budget = int(float(budget_mib) * (1 << 20))
+            except (TypeError, ValueError):
+                raise ValueError(f"kv_cache_budget_mib / {KV_BUDGET_ENV}: not a number: {budget_mib!r}") from None
+            if budget <= 0:
+                raise ValueError(f"kv_cache_budget_mib / {KV_BUDGET_ENV}: must be positive, got {budget_mib!r}")
+        else:
+            budget = default_kv_budget(loaded.model.get_input_embeddings().weight.device)
+        per_token = kv_bytes_per_token(loaded.model.config, loaded.dtype)
+        logger.info("Ovis2 batching: up to %d sequences, KV budget %.0f MiB (%d tokens at %d bytes)",
+                    max_num_seqs, budget / (1 << 20), budget // per_token, per_token)
+        return BatchScheduler(loaded.model, max_num_seqs, budget, per_token)
+
+    def stop(self) -> None:
+        scheduler = getattr(self, "_scheduler", None)
+        if scheduler is not None:
+            scheduler.close()
+        super().stop()
 
     def _read_generation_defaults(self) -> Dict[str, Any]:
         path = self._loaded.checkpoint.path / "generation_config.json"
@@ -214,7 +242,7 @@ class Ovis2NativeChatModel(PytorchChatModel):
         return inputs
 
     def _events(self, prepared: _Prepared) -> Iterator[TextEvent]:
-        tokens = stream_tokens(self._model, self._inputs(prepared.encoded), prepared.plan, gate=self._gate)
+        tokens = self._scheduler.submit(self._inputs(prepared.encoded), prepared.plan)
         return stream_text(tokens, self._tokenizer, prepared.plan, self._eos_ids)
 
     def _usage(self, prepared: _Prepared, completion_tokens: int) -> Dict[str, int]:

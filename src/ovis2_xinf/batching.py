@@ -1,0 +1,392 @@
+"""Continuous batching: concurrent requests share the model's decode steps.
+
+One scheduler thread owns the model. A request is prefilled alone (with its images, keeping
+only the last position's logits), then its KV cache joins the running batch at the next step
+boundary; every step decodes one token for each row at once. A row leaves the batch as soon
+as it finishes (eos, ``max_tokens``) or its consumer stops reading (a stop string found, a
+client gone), and its memory goes with it.
+
+Rows of different lengths share one cache by left padding: each row's keys and values end at
+the last column, the columns before its own start are masked out, and its positions count
+its own tokens only, so a row computes what it would alone (up to float rounding of batched
+matrix products). Sampling is per row: its own processors (repetition penalty over its own
+ids, temperature, top-k, top-p, in the order transformers' ``generate`` applies them) and, with
+a ``seed``, its own random generator, so a seeded request gets the same text alone and in any
+batch.
+
+Bounds: at most ``max_num_seqs`` rows decode together, and a row is admitted only while the
+batch's padded cache at its longest (each row's prompt plus ``max_tokens``) fits the KV budget;
+the others wait in arrival order. ``max_num_seqs=1`` runs one request at a time.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import queue
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Deque, Dict, Iterator, List, Optional, Union
+
+import torch
+
+from .generation import SamplingPlan
+
+logger = logging.getLogger(__name__)
+
+_END = None
+
+
+class _Row:
+    """One request in the scheduler: its inputs, its sampling state and its outbox."""
+
+    def __init__(self, inputs: Dict[str, Any], plan: SamplingPlan, device: torch.device):
+        self.inputs = inputs
+        self.plan = plan
+        kwargs = plan.generate_kwargs
+        self.eos = set(kwargs.get("eos_token_id") or [])
+        self.max_new = int(plan.max_new_tokens)
+        self.min_new = int(kwargs.get("min_new_tokens") or 0)
+        self.prompt_len = int(inputs["input_ids"].shape[1])
+        self.history = inputs["input_ids"][0].clone()  # what the repetition penalty sees
+        self.processors = _processors(kwargs)
+        self.do_sample = bool(kwargs.get("do_sample"))
+        self.generator: Optional[torch.Generator] = None
+        if plan.seed is not None and self.do_sample:
+            self.generator = torch.Generator(device=device)
+            self.generator.manual_seed(plan.seed)
+        self.produced = 0
+        self.position = self.prompt_len  # the next token's position among this row's own tokens
+        self.last_token: Optional[int] = None
+        self.outbox: "queue.Queue[Union[int, BaseException, None]]" = queue.Queue()
+        self.cancelled = threading.Event()
+
+    @property
+    def peak_tokens(self) -> int:
+        return self.prompt_len + self.max_new
+
+    def choose(self, logits: torch.Tensor) -> int:
+        """The next token from this row's last-position logits (a 1-D float tensor)."""
+        scores = logits.float().unsqueeze(0)
+        if self.produced < self.min_new and self.eos:
+            scores[:, list(self.eos)] = float("-inf")
+        scores = self.processors(self.history.unsqueeze(0).to(scores.device), scores)
+        if self.do_sample:
+            probs = torch.softmax(scores, dim=-1)
+            token = torch.multinomial(probs, 1, generator=self.generator)
+        else:
+            token = scores.argmax(dim=-1, keepdim=True)
+        value = int(token.item())
+        self.history = torch.cat([self.history, self.history.new_tensor([value])])
+        self.produced += 1
+        self.last_token = value
+        return value
+
+    def finished(self, token: int) -> bool:
+        return token in self.eos or self.produced >= self.max_new
+
+
+def _processors(kwargs: Dict[str, Any]):
+    """The logits processors ``generate`` would build for these settings, in its order."""
+    from transformers import (
+        LogitsProcessorList,
+        RepetitionPenaltyLogitsProcessor,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    processors = LogitsProcessorList()
+    penalty = kwargs.get("repetition_penalty")
+    if penalty is not None and penalty != 1.0:
+        processors.append(RepetitionPenaltyLogitsProcessor(penalty=float(penalty)))
+    if kwargs.get("do_sample"):
+        temperature = kwargs.get("temperature")
+        if temperature is not None and temperature != 1.0:
+            processors.append(TemperatureLogitsWarper(float(temperature)))
+        top_k = kwargs.get("top_k")
+        if top_k:
+            processors.append(TopKLogitsWarper(top_k=int(top_k), min_tokens_to_keep=1))
+        top_p = kwargs.get("top_p")
+        if top_p is not None and top_p < 1.0:
+            processors.append(TopPLogitsWarper(top_p=float(top_p), min_tokens_to_keep=1))
+    return processors
+
+
+class KVBatch:
+    """The running batch's cache: one ``DynamicCache``, rows left-padded to a common length."""
+
+    def __init__(self):
+        self.cache: Any = None
+        self.pads: List[int] = []  # left padding of each row, in columns
+
+    @property
+    def size(self) -> int:
+        return len(self.pads)
+
+    @property
+    def length(self) -> int:
+        return 0 if self.cache is None else int(self.cache.get_seq_length())
+
+    def add(self, cache: Any) -> None:
+        """Append one prefilled row's cache (batch of 1, no padding) as the last row."""
+        new_len = int(cache.get_seq_length())
+        if self.cache is None:
+            self.cache, self.pads = cache, [0]
+            return
+        old_len = self.length
+        total = max(old_len, new_len)
+        for mine, theirs in zip(self.cache.layers, cache.layers):
+            mine.keys = torch.cat([_pad_left(mine.keys, total), _pad_left(theirs.keys.to(mine.keys.device), total)])
+            mine.values = torch.cat(
+                [_pad_left(mine.values, total), _pad_left(theirs.values.to(mine.values.device), total)]
+            )
+        self.pads = [p + total - old_len for p in self.pads] + [total - new_len]
+
+    def keep(self, rows: List[int]) -> None:
+        """Keep only these rows (in this order) and drop the padding no row needs any more."""
+        if not rows:
+            self.cache, self.pads = None, []
+            return
+        if rows != list(range(self.size)):
+            for layer in self.cache.layers:
+                index = torch.tensor(rows, device=layer.keys.device)
+                layer.keys = layer.keys.index_select(0, index)
+                layer.values = layer.values.index_select(0, index)
+            self.pads = [self.pads[i] for i in rows]
+        common = min(self.pads)
+        if common:
+            for layer in self.cache.layers:
+                layer.keys = layer.keys[:, :, common:]
+                layer.values = layer.values[:, :, common:]
+            self.pads = [p - common for p in self.pads]
+
+    def attention_mask(self, device: torch.device) -> torch.Tensor:
+        """Mask over the cached columns plus the one being decoded."""
+        length = self.length + 1
+        columns = torch.arange(length, device=device).unsqueeze(0)
+        return (columns >= torch.tensor(self.pads, device=device).unsqueeze(1)).long()
+
+
+def _pad_left(tensor: torch.Tensor, length: int) -> torch.Tensor:
+    missing = length - tensor.shape[2]
+    if missing <= 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[2] = missing
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=2)
+
+
+def kv_bytes_per_token(config: Any, dtype: torch.dtype) -> int:
+    """Bytes one token's keys and values take over all layers."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    return 2 * text.num_hidden_layers * kv_heads * head_dim * torch.finfo(dtype).bits // 8
+
+
+@dataclass
+class SchedulerStats:
+    """Counters for the log and tests: how batched the work actually was."""
+
+    steps: int = 0
+    rows_decoded: int = 0
+    prefills: int = 0
+    max_batch: int = 0
+    waits_for_budget: int = 0
+    sizes: Dict[int, int] = field(default_factory=dict)
+
+
+class BatchScheduler:
+    """Runs every generation of one model, batching their decode steps."""
+
+    def __init__(self, model: Any, max_num_seqs: int, kv_budget_bytes: int, bytes_per_token: int,
+                 name: str = "ovis2-batch"):
+        if max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs: must be at least 1, got {max_num_seqs}")
+        self.model = model
+        self.max_num_seqs = max_num_seqs
+        self.kv_budget_bytes = kv_budget_bytes
+        self.bytes_per_token = bytes_per_token
+        self.stats = SchedulerStats()
+        self._waiting: Deque[_Row] = collections.deque()
+        self._active: List[_Row] = []
+        self._batch = KVBatch()
+        self._wake = threading.Condition()
+        self._closed = False
+        self._device = model.get_input_embeddings().weight.device
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    # --- the consumer side -------------------------------------------------------------
+
+    def submit(self, inputs: Dict[str, Any], plan: SamplingPlan) -> Iterator[List[int]]:
+        """Yield the token ids generated since the last pull; closing the iterator ends the row."""
+        row = _Row(inputs, plan, self._device)
+        with self._wake:
+            if self._closed:
+                raise RuntimeError("the model's scheduler has stopped")
+            self._waiting.append(row)
+            self._wake.notify_all()
+        return self._drain(row)
+
+    def _drain(self, row: _Row) -> Iterator[List[int]]:
+        try:
+            done = False
+            while not done:
+                item = row.outbox.get()
+                batch: List[int] = []
+                while True:
+                    if item is _END:
+                        done = True
+                        break
+                    if isinstance(item, BaseException):
+                        raise item
+                    batch.append(item)
+                    try:
+                        item = row.outbox.get_nowait()
+                    except queue.Empty:
+                        break
+                if batch:
+                    yield batch
+        finally:
+            if not done:
+                row.cancelled.set()
+                with self._wake:
+                    self._wake.notify_all()
+
+    def close(self) -> None:
+        with self._wake:
+            self._closed = True
+            self._wake.notify_all()
+        self._thread.join(timeout=60)
+
+    @property
+    def busy(self) -> bool:
+        with self._wake:
+            return bool(self._active or self._waiting)
+
+    # --- the scheduler thread ----------------------------------------------------------
+
+    def _fits(self, row: _Row) -> bool:
+        if not self._active:
+            return True  # one row always runs, whatever the budget
+        rows = len(self._active) + 1
+        longest = max([r.peak_tokens for r in self._active] + [row.peak_tokens])
+        return rows * longest * self.bytes_per_token <= self.kv_budget_bytes
+
+    def _admissions(self) -> List[_Row]:
+        """Rows to prefill now, in arrival order; cancelled waiters leave the line."""
+        admitted: List[_Row] = []
+        with self._wake:
+            while True:
+                while self._waiting and self._waiting[0].cancelled.is_set():
+                    self._waiting.popleft().outbox.put(_END)
+                if not self._waiting and not self._active and not admitted:
+                    if self._closed:
+                        return []
+                    self._wake.wait()
+                    continue
+                break
+            while self._waiting and len(self._active) + len(admitted) < self.max_num_seqs:
+                row = self._waiting[0]
+                if row.cancelled.is_set():
+                    self._waiting.popleft().outbox.put(_END)
+                    continue
+                if admitted or not self._fits(row):
+                    if not admitted and self._active:
+                        self.stats.waits_for_budget += 1
+                    break
+                admitted.append(self._waiting.popleft())
+        return admitted
+
+    def _run(self) -> None:
+        with torch.inference_mode():  # the cache, logits and sampling state are inference tensors
+            self._loop()
+
+    def _loop(self) -> None:
+        while True:
+            admitted = self._admissions()
+            if not admitted and not self._active:
+                if self._closed:
+                    return
+                continue
+            for row in admitted:
+                self._prefill(row)
+            if self._active:
+                self._step()
+
+    def _prefill(self, row: _Row) -> None:
+        from transformers import DynamicCache
+
+        self.stats.prefills += 1
+        try:
+            out = self.model(**row.inputs, past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1)
+            token = row.choose(out.logits[0, -1])
+        except BaseException as exc:  # this request alone fails
+            logger.warning("prefill failed: %s: %s", type(exc).__name__, exc)
+            row.outbox.put(exc)
+            row.outbox.put(_END)
+            return
+        row.inputs = {}  # pixel values and ids are in the cache now
+        row.outbox.put(token)
+        if row.finished(token) or row.cancelled.is_set():
+            row.outbox.put(_END)
+            return
+        self._batch.add(out.past_key_values)
+        self._active.append(row)
+
+    def _step(self) -> None:
+        rows = self._active
+        device = self._device
+        ids = torch.tensor([[r.last_token] for r in rows], device=device)
+        positions = torch.tensor([[r.position] for r in rows], device=device)
+        mask = self._batch.attention_mask(device)
+        try:
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                             past_key_values=self._batch.cache, use_cache=True, logits_to_keep=1)
+        except BaseException as exc:  # nothing tells which row caused it: all of them end
+            logger.exception("decode step over %d rows failed", len(rows))
+            for row in rows:
+                row.outbox.put(exc)
+                row.outbox.put(_END)
+            self._active, self._batch = [], KVBatch()
+            return
+        self._batch.cache = out.past_key_values
+        self.stats.steps += 1
+        self.stats.rows_decoded += len(rows)
+        if len(rows) > self.stats.max_batch:
+            self.stats.max_batch = len(rows)
+            logger.info("%d rows decoding together (most so far)", len(rows))
+        self.stats.sizes[len(rows)] = self.stats.sizes.get(len(rows), 0) + 1
+        keep: List[int] = []
+        for index, row in enumerate(rows):
+            row.position += 1
+            if row.cancelled.is_set():
+                row.outbox.put(_END)
+                logger.info("generation stopped after %d tokens: its consumer stopped reading", row.produced)
+                continue
+            token = row.choose(out.logits[index, -1])
+            row.outbox.put(token)
+            if row.finished(token):
+                row.outbox.put(_END)
+                continue
+            keep.append(index)
+        self._active = [rows[i] for i in keep]
+        self._batch.keep(keep)
+
+
+def default_kv_budget(device: torch.device, fraction: float = 0.25) -> int:
+    """Bytes the KV cache may take when the launch does not say: a share of free memory."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * 0.5)
+    import os
+
+    try:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        available = 8 << 30
+    return int(available * fraction)
+
