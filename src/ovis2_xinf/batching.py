@@ -26,11 +26,12 @@ import logging
 import queue
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Deque, Dict, Iterator, List, Optional, Union
+from typing import Any, Deque, Dict, Iterator, List, Optional, Sequence, Union
 
 import torch
 
 from .generation import SamplingPlan
+from .reuse import ImageRef, ReuseCache
 
 logger = logging.getLogger(__name__)
 
@@ -40,8 +41,10 @@ _END = None
 class _Row:
     """One request in the scheduler: its inputs, its sampling state and its outbox."""
 
-    def __init__(self, inputs: Dict[str, Any], plan: SamplingPlan, device: torch.device):
+    def __init__(self, inputs: Dict[str, Any], plan: SamplingPlan, device: torch.device,
+                 images: Sequence[ImageRef] = ()):
         self.inputs = inputs
+        self.images = list(images)
         self.plan = plan
         kwargs = plan.generate_kwargs
         self.eos = set(kwargs.get("eos_token_id") or [])
@@ -161,6 +164,16 @@ class KVBatch:
                 layer.values = layer.values[:, :, common:]
             self.pads = [p - common for p in self.pads]
 
+    def row_cache(self, row: int) -> Any:
+        """One row's keys and values without its padding, as a batch-1 cache of its own."""
+        from transformers import DynamicCache
+
+        pad = self.pads[row]
+        cache = DynamicCache()
+        for index, layer in enumerate(self.cache.layers):
+            cache.update(layer.keys[row:row + 1, :, pad:].clone(), layer.values[row:row + 1, :, pad:].clone(), index)
+        return cache
+
     def attention_mask(self, device: torch.device) -> torch.Tensor:
         """Mask over the cached columns plus the one being decoded."""
         length = self.length + 1
@@ -202,7 +215,7 @@ class BatchScheduler:
     """Runs every generation of one model, batching their decode steps."""
 
     def __init__(self, model: Any, max_num_seqs: int, kv_budget_bytes: int, bytes_per_token: int,
-                 name: str = "ovis2-batch"):
+                 reuse: Optional[ReuseCache] = None, name: str = "ovis2-batch"):
         if max_num_seqs < 1:
             raise ValueError(f"max_num_seqs: must be at least 1, got {max_num_seqs}")
         self.model = model
@@ -210,6 +223,8 @@ class BatchScheduler:
         self.kv_budget_bytes = kv_budget_bytes
         self.bytes_per_token = bytes_per_token
         self.stats = SchedulerStats()
+        self.reuse = reuse if reuse is not None and reuse.enabled else None
+        self._indicators: Optional[torch.Tensor] = None
         self._waiting: Deque[_Row] = collections.deque()
         self._active: List[_Row] = []
         self._batch = KVBatch()
@@ -221,9 +236,14 @@ class BatchScheduler:
 
     # --- the consumer side -------------------------------------------------------------
 
-    def submit(self, inputs: Dict[str, Any], plan: SamplingPlan) -> Iterator[List[int]]:
-        """Yield the token ids generated since the last pull; closing the iterator ends the row."""
-        row = _Row(inputs, plan, self._device)
+    def submit(self, inputs: Dict[str, Any], plan: SamplingPlan,
+               images: Sequence[ImageRef] = ()) -> Iterator[List[int]]:
+        """Yield the token ids generated since the last pull; closing the iterator ends the row.
+
+        ``images`` (one per image of the prompt, in order) lets the prefill reuse what earlier
+        requests computed; without reuse they are not needed.
+        """
+        row = _Row(inputs, plan, self._device, images)
         with self._wake:
             if self._closed:
                 raise RuntimeError("the model's scheduler has stopped")
@@ -322,7 +342,10 @@ class BatchScheduler:
 
         self.stats.prefills += 1
         try:
-            out = self.model(**row.inputs, past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1)
+            if self.reuse is None:
+                out = self.model(**row.inputs, past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1)
+            else:
+                out = self._prefill_reusing(row)
             token = row.choose(out.logits[0, -1])
         except BaseException as exc:  # this request alone fails
             logger.warning("prefill failed: %s: %s", type(exc).__name__, exc)
@@ -332,10 +355,55 @@ class BatchScheduler:
         row.inputs = {}  # pixel values and ids are in the cache now
         row.outbox.put(token)
         if row.finished(token) or row.cancelled.is_set():
+            self._keep_for_reuse(row, out.past_key_values)
             row.outbox.put(_END)
             return
         self._batch.add(out.past_key_values)
         self._active.append(row)
+
+    def _prefill_reusing(self, row: _Row) -> Any:
+        """Prefill only what no stored prompt covers, with stored visual embeddings where known."""
+        from transformers import DynamicCache
+
+        ids = row.inputs["input_ids"]
+        length = ids.shape[1]
+        start, cache = self.reuse.longest_prefix(ids[0].tolist(), row.images)
+        embeds = self._embeddings(ids[:, start:], [i for i in row.images if i.start >= start])
+        positions = torch.arange(start, length, device=ids.device).unsqueeze(0)
+        mask = torch.ones(1, length, dtype=torch.long, device=ids.device)
+        return self.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+                          past_key_values=cache if cache is not None else DynamicCache(), use_cache=True,
+                          logits_to_keep=1)
+
+    def _embeddings(self, ids: torch.Tensor, images: List[ImageRef]) -> torch.Tensor:
+        """The language model's input embeddings, images scattered in as the native model does."""
+        core = self.model.model
+        embeds = self.model.get_input_embeddings()(ids)
+        features = []
+        for image in images:
+            found = self.reuse.vision(image.key)
+            if found is None:
+                found = core.get_image_features(pixel_values=image.pixel_values, return_dict=True).pooler_output
+                self.reuse.put_vision(image.key, found)
+            features.append(found.reshape(-1, found.shape[-1]))
+        if features:
+            where = (ids == self.model.config.image_token_id).to(embeds.device)
+            embeds[where] = torch.cat(features).to(embeds.device, embeds.dtype)
+        if self._indicators is None:
+            count = core.vision_tower.num_visual_indicator_tokens
+            table = core.visual_embeddings_table
+            indicator_ids = torch.arange(core.visual_vocab_size - count, core.visual_vocab_size, device=table.weight.device)
+            self._indicators = table(indicator_ids)
+        for index, token_id in enumerate(core.visual_indicator_token_ids):
+            where = (ids == token_id).to(embeds.device)
+            if where.any():
+                embeds[where] = self._indicators[index].to(embeds.device, embeds.dtype)
+        return embeds
+
+    def _keep_for_reuse(self, row: _Row, cache: Any) -> None:
+        """Store a leaving row's cache: its prompt and the answer tokens fed so far."""
+        if self.reuse is not None:
+            self.reuse.put_prefix(row.history[:row.position].tolist(), row.images, cache)
 
     def _step(self) -> None:
         rows = self._active
@@ -364,17 +432,23 @@ class BatchScheduler:
         for index, row in enumerate(rows):
             row.position += 1
             if row.cancelled.is_set():
-                row.outbox.put(_END)
+                self._leave(row, index)
                 logger.info("generation stopped after %d tokens: its consumer stopped reading", row.produced)
                 continue
             token = row.choose(out.logits[index, -1])
             row.outbox.put(token)
             if row.finished(token):
-                row.outbox.put(_END)
+                self._leave(row, index)
                 continue
             keep.append(index)
         self._active = [rows[i] for i in keep]
         self._batch.keep(keep)
+
+
+    def _leave(self, row: _Row, index: int) -> None:
+        if self.reuse is not None:
+            self._keep_for_reuse(row, self._batch.row_cache(index))
+        row.outbox.put(_END)
 
 
 def default_kv_budget(device: torch.device, fraction: float = 0.25) -> int:

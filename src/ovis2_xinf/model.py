@@ -37,11 +37,13 @@ from .preprocessing import Ovis2ImagePreprocessor
 from .prompt import EncodedPrompt, encode
 from .registration import close_dropped_streams, model_class_ready
 from .resample import hold_whole_images
+from .reuse import ImageRef, ReuseCache, default_reuse_budget, image_key
 
 logger = logging.getLogger(__name__)
 
 SUPPORTED_FORMATS = ("pytorch", "gptq")
 KV_BUDGET_ENV = "OVIS2_XINF_KV_CACHE_BUDGET_MIB"
+REUSE_BUDGET_ENV = "OVIS2_XINF_REUSE_CACHE_MIB"
 SPECIAL_TOKENS = ("<|im_end|>", "<|endoftext|>")
 
 
@@ -59,11 +61,29 @@ def _dtype(name: Any, device: str) -> torch.dtype:
     return value
 
 
+def _mib_option(config: Dict[str, Any], name: str, env: str, positive: bool) -> Optional[int]:
+    """A size in MiB from the launch option, else the environment, in bytes; None when neither."""
+    value = config.get(name)
+    if value is None:
+        value = os.environ.get(env)
+    if value is None or value == "":
+        return None
+    try:
+        size = int(float(value) * (1 << 20))
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} / {env}: not a number of MiB: {value!r}") from None
+    if size < 0 or (positive and size == 0):
+        raise ValueError(f"{name} / {env}: must be {'positive' if positive else '0 (off) or more'}, got {value!r}")
+    return size
+
+
 @dataclass
 class _Prepared:
     encoded: EncodedPrompt
     plan: SamplingPlan
     include_usage: bool
+    image_keys: List[str]  # one per image when reuse is on
+    image_crops: List[int]
 
 
 def _log_like_xinference() -> None:
@@ -160,20 +180,16 @@ class Ovis2NativeChatModel(PytorchChatModel):
         max_num_seqs = config.get("max_num_seqs") or 16
         if isinstance(max_num_seqs, bool) or not isinstance(max_num_seqs, int) or max_num_seqs < 1:
             raise ValueError(f"max_num_seqs: must be a positive integer, got {max_num_seqs!r}")
-        budget_mib = config.get("kv_cache_budget_mib") or os.environ.get(KV_BUDGET_ENV)
-        if budget_mib is not None:
-            try:
-                budget = int(float(budget_mib) * (1 << 20))
-            except (TypeError, ValueError):
-                raise ValueError(f"kv_cache_budget_mib / {KV_BUDGET_ENV}: not a number: {budget_mib!r}") from None
-            if budget <= 0:
-                raise ValueError(f"kv_cache_budget_mib / {KV_BUDGET_ENV}: must be positive, got {budget_mib!r}")
-        else:
-            budget = default_kv_budget(loaded.model.get_input_embeddings().weight.device)
+        device = loaded.model.get_input_embeddings().weight.device
+        budget = _mib_option(config, "kv_cache_budget_mib", KV_BUDGET_ENV, positive=True)
+        budget = default_kv_budget(device) if budget is None else budget
+        reuse_budget = _mib_option(config, "reuse_cache_mib", REUSE_BUDGET_ENV, positive=False)
+        self._reuse = ReuseCache(default_reuse_budget(device) if reuse_budget is None else reuse_budget)
         per_token = kv_bytes_per_token(loaded.model.config, loaded.dtype)
-        logger.info("Ovis2 batching: up to %d sequences, KV budget %.0f MiB (%d tokens at %d bytes)",
-                    max_num_seqs, budget / (1 << 20), budget // per_token, per_token)
-        return BatchScheduler(loaded.model, max_num_seqs, budget, per_token)
+        logger.info("Ovis2 batching: up to %d sequences, KV budget %.0f MiB (%d tokens at %d bytes); reuse %s",
+                    max_num_seqs, budget / (1 << 20), budget // per_token, per_token,
+                    f"up to {self._reuse.budget_bytes / (1 << 20):.0f} MiB" if self._reuse.enabled else "off")
+        return BatchScheduler(loaded.model, max_num_seqs, budget, per_token, reuse=self._reuse)
 
     def stop(self) -> None:
         scheduler = getattr(self, "_scheduler", None)
@@ -227,7 +243,9 @@ class Ovis2NativeChatModel(PytorchChatModel):
             self._context_length,
         )
         options = config.get("stream_options") or {}
-        return _Prepared(encoded, plan, bool(isinstance(options, dict) and options.get("include_usage")))
+        keys = [image_key(p.pixel_values) for p in processed] if self._reuse.enabled else []
+        return _Prepared(encoded, plan, bool(isinstance(options, dict) and options.get("include_usage")),
+                         keys, [int(p.pixel_values.shape[0]) for p in processed])
 
     def _inputs(self, encoded: EncodedPrompt) -> Dict[str, Any]:
         device = self._model.get_input_embeddings().weight.device
@@ -242,7 +260,14 @@ class Ovis2NativeChatModel(PytorchChatModel):
         return inputs
 
     def _events(self, prepared: _Prepared) -> Iterator[TextEvent]:
-        tokens = self._scheduler.submit(self._inputs(prepared.encoded), prepared.plan)
+        inputs = self._inputs(prepared.encoded)
+        images: List[ImageRef] = []
+        if prepared.image_keys:
+            pixels, first = inputs["pixel_values"], 0
+            for key, crops, (start, end) in zip(prepared.image_keys, prepared.image_crops, prepared.encoded.image_spans):
+                images.append(ImageRef(key, start, end, pixels[first:first + crops]))
+                first += crops
+        tokens = self._scheduler.submit(inputs, prepared.plan, images)
         return stream_text(tokens, self._tokenizer, prepared.plan, self._eos_ids)
 
     def _usage(self, prepared: _Prepared, completion_tokens: int) -> Dict[str, int]:

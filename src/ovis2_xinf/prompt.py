@@ -8,7 +8,7 @@ BPE tokens across those boundaries and change the ids.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Literal, Optional, Sequence
+from typing import Dict, List, Literal, Optional, Sequence, Tuple
 
 import torch
 
@@ -52,19 +52,25 @@ class EncodedPrompt:
     input_ids: torch.Tensor  # (1, length), native placeholder ids already expanded
     pixel_values: Optional[torch.Tensor]
     symbolic_ids: List[object]  # text ids and symbolic placeholders, before expansion
+    #: each image's tokens (indicators and atoms) as [start, end) positions in ``input_ids``
+    image_spans: List[Tuple[int, int]]
 
 
-def _symbolic_ids(tokenizer, pieces: Sequence[str], images: Sequence[ProcessedImage]) -> List[object]:
+def _symbolic_ids(tokenizer, pieces: Sequence[str], images: Sequence[ProcessedImage]
+                  ) -> Tuple[List[object], List[Tuple[int, int]]]:
+    """The ids with each image's symbolic layout, and where each layout sits among them."""
     ids: List[object] = []
+    spans: List[Tuple[int, int]] = []
     image_index = 0
     for piece in pieces:
         chunks = piece.split(IMAGE_MARKER)
         for position, chunk in enumerate(chunks):
             ids.extend(tokenizer(chunk, add_special_tokens=False).input_ids)
             if position < len(chunks) - 1:
+                spans.append((len(ids), len(ids) + len(images[image_index].layout)))
                 ids.extend(images[image_index].layout)
                 image_index += 1
-    return ids
+    return ids, spans
 
 
 def encode(
@@ -80,17 +86,21 @@ def encode(
             f"the conversation has {count_images(turns)} {IMAGE_MARKER} markers but {len(images)} images"
         )
     pieces = format_prompt(turns)
-    symbolic = _symbolic_ids(tokenizer, pieces, images)
+    symbolic, symbolic_spans = _symbolic_ids(tokenizer, pieces, images)
     indicator_ids: Dict[str, int] = dict(zip(INDICATORS, placeholders.indicators))
     native: List[int] = []
+    starts: List[int] = []  # native position of each symbolic item, and of the end
     for item in symbolic:
+        starts.append(len(native))
         if item == IMAGE_ATOM:
             native.extend([placeholders.atom] * tokens_per_crop)
         elif isinstance(item, str):
             native.append(indicator_ids[item])
         else:
             native.append(int(item))
-    return EncodedPrompt("".join(pieces), torch.tensor([native], dtype=torch.long), _stacked(images), symbolic)
+    starts.append(len(native))
+    spans = [(starts[begin], starts[end]) for begin, end in symbolic_spans]
+    return EncodedPrompt("".join(pieces), torch.tensor([native], dtype=torch.long), _stacked(images), symbolic, spans)
 
 
 def _stacked(images: Sequence[ProcessedImage]) -> Optional[torch.Tensor]:
