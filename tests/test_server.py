@@ -320,3 +320,22 @@ def test_concurrent_mixed_requests_are_batched_and_each_gets_its_solo_answer(ser
     assert all(r == expected_text(tokenizer, cases["text_only"]) for r in results[5:])
     peaks = [int(m) for m in re.findall(r"(\d+) rows decoding together", server.log_tail(2000))]
     assert peaks and max(peaks) >= 2, "the requests never shared a decode step"
+
+
+def test_turn_two_with_reuse_equals_a_model_without_reuse(server, client, uid):
+    cold = server.launch("--model-engine", "transformers", "--model-name", "Ovis2", "--size-in-billions", "2",
+                         "--model-format", "pytorch", "--model-path", str(TINY), "--model-uid", "ovis2-no-reuse",
+                         "--reuse_cache_mib", "0")
+    try:
+        image = image_part(data_url(CASES_DIR / "images" / "wide.png"))
+        history = [{"role": "user", "content": [image, text_part("What is this?")]}]
+        first = client.chat.completions.create(model=uid, messages=history, max_tokens=10, **GREEDY)
+        history += [{"role": "assistant", "content": first.choices[0].message.content},
+                    {"role": "user", "content": "And what colour is it?"}]
+        warm = client.chat.completions.create(model=uid, messages=history, max_tokens=10, **GREEDY)
+        again = client.chat.completions.create(model=cold, messages=history, max_tokens=10, **GREEDY)
+        assert warm.choices[0].message.content == again.choices[0].message.content
+        assert warm.usage.prompt_tokens == again.usage.prompt_tokens
+        assert "reuse off" in server.log_tail(3000)  # the second model really ran without it
+    finally:
+        server.xinference("terminate", "--model-uid", cold)
