@@ -11,10 +11,11 @@ import platform
 import subprocess
 import sys
 import time
+import unicodedata
 from importlib import metadata
 from importlib import resources
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 from . import __version__
 
@@ -50,6 +51,33 @@ def cmd_specs(args: argparse.Namespace) -> int:
     return 0
 
 
+# Bidirectional controls reorder what a terminal shows after them.
+_BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def printable(text: str) -> str:
+    """``text`` safe for a terminal: control characters written as escapes.
+
+    Newlines and tabs are kept; other C0/C1 controls (BEL, ESC, carriage return ...),
+    line/paragraph separators, bidirectional controls and lone surrogates become
+    escapes (``\\x07``, ``\\u2028``), so the random text of the bundled checkpoint cannot
+    ring the bell, move the cursor or recolour the terminal.
+    """
+    out = []
+    for char in text:
+        if char in "\n\t" or (unicodedata.category(char) not in ("Cc", "Cs", "Zl", "Zp")
+                               and char not in _BIDI_CONTROLS):
+            out.append(char)
+            continue
+        code = ord(char)
+        out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
+    return "".join(out)
+
+
+def _progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
 def _version(name: str) -> str:
     try:
         return metadata.version(name)
@@ -67,7 +95,96 @@ def _devices() -> Dict[str, object]:
     return info
 
 
+def _worker_row(entry: Dict[str, Any]) -> Dict[str, Any]:
+    status = entry.get("ovis2_xinf")
+    models = entry.get("models")
+    row: Dict[str, Any] = {
+        "address": entry.get("work-ip"),
+        "plugin_active": None,
+        "plugin_version": None,
+        "engine_class": None,
+        "xinference_version": None,
+        "models": len(models) if isinstance(models, (dict, list)) else None,
+    }
+    if isinstance(status, dict):
+        row.update({k: status.get(k) for k in ("plugin_active", "plugin_version", "engine_class", "xinference_version")})
+        if status.get("error"):
+            row["error"] = status["error"]
+    else:
+        row["error"] = "the supervisor does not report ovis2-xinf status (the plugin is not active there)"
+    return row
+
+
+def doctor_endpoint(endpoint: str, api_key: Optional[str] = None, timeout: float = 60.0) -> Dict[str, Any]:
+    """Ask a running Xinference which of its workers have the plugin active.
+
+    The per-worker answer comes from ``GET /v1/workers``: where the plugin is active in
+    the supervisor, each worker's entry carries ``ovis2_xinf``, which the supervisor gets
+    from that worker's own Ovis2 registration (see
+    :func:`ovis2_xinf.registration.worker_plugin_status` for why that signal: no stock
+    endpoint tells it per worker). A supervisor without the plugin adds nothing, and its
+    workers are reported as unknown. ``/v1/cluster/version`` gives the API's Xinference.
+    """
+    import httpx
+
+    base = endpoint.rstrip("/")
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    with httpx.Client(base_url=base, headers=headers, timeout=timeout) as client:
+        def get(path: str) -> Any:
+            response = client.get(path)
+            if response.status_code in (401, 403):
+                hint = "" if api_key else "; pass --api-key"
+                raise RuntimeError(f"{base}{path} answered {response.status_code} (it needs the admin scope{hint}): "
+                                   f"{response.text[:300]}")
+            response.raise_for_status()
+            return response.json()
+
+        _progress(f"asking {base} for workers…")
+        entries = get("/v1/workers")
+        try:
+            version = get("/v1/cluster/version").get("version")
+        except (httpx.HTTPError, RuntimeError, ValueError, AttributeError):
+            version = None
+    workers = [_worker_row(entry) for entry in entries if isinstance(entry, dict)]
+    reported = any("ovis2_xinf" in entry for entry in entries if isinstance(entry, dict))
+    return {
+        "endpoint": base,
+        "xinference_version": version,
+        "supervisor_reports_plugin": reported,
+        "workers": workers,
+        "all_active": bool(workers) and all(w["plugin_active"] is True for w in workers),
+    }
+
+
+def _cmd_doctor_endpoint(args: argparse.Namespace) -> int:
+    import httpx
+
+    try:
+        report = doctor_endpoint(args.endpoint, args.api_key)
+    except (httpx.HTTPError, RuntimeError, ValueError) as error:
+        print(f"ovis2-xinf doctor: cannot ask {args.endpoint}: {error}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        state = {True: "active", False: "MISSING", None: "unknown"}
+        rows = [[w["address"], state[w["plugin_active"]], w["plugin_version"] or "-", w["xinference_version"] or "-",
+                 w["engine_class"] or "-", w.get("error", "")] for w in report["workers"]]
+        print(f"Xinference {report['xinference_version'] or '?'} at {report['endpoint']}: "
+              f"{len(rows)} worker(s)\n")
+        print(_table(rows, ["worker", "plugin", "ovis2-xinf", "xinference", "Ovis2 served by", "note"]))
+        missing = [w["address"] for w in report["workers"] if w["plugin_active"] is not True]
+        if not report["workers"]:
+            print("\nNo workers are registered.")
+        elif missing:
+            print(f"\nThe plugin is not active on: {', '.join(missing)}. Install it there: pip install ovis2-xinf"
+                  + ("" if report["supervisor_reports_plugin"] else ", and on the supervisor, which reports nothing"))
+    return 0 if report["all_active"] else 1
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
+    if args.endpoint:
+        return _cmd_doctor_endpoint(args)
     from .quantization import GPTQ_INSTALL_HINT, gptq_backend_available
     from .registration import DISABLE_ENV, SUPPORTED_RANGE, is_supported_version, xinference_version
 
@@ -84,6 +201,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         ),
         "devices": _devices(),
     }
+    _progress("checking registration in a fresh interpreter…")
     probe = subprocess.run(
         [sys.executable, "-c", _STATUS_PROBE], capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=300
     )
@@ -152,7 +270,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         sys.stdout.write("> ")
         for chunk in stream:
             if chunk.choices and chunk.choices[0].delta.content:
-                sys.stdout.write(chunk.choices[0].delta.content)
+                sys.stdout.write(printable(chunk.choices[0].delta.content))
                 sys.stdout.flush()
             usage = chunk.usage or usage
         print()
@@ -174,8 +292,17 @@ def build_parser() -> argparse.ArgumentParser:
     specs.add_argument("--json", action="store_true")
     specs.set_defaults(func=cmd_specs)
 
-    doctor = sub.add_parser("doctor", help="versions, registration status, GPTQ backend, devices")
+    doctor = sub.add_parser(
+        "doctor", help="versions, registration status, GPTQ backend, devices; or, with --endpoint, per worker",
+        description="Without --endpoint: this machine (versions, the registration in a fresh interpreter, GPTQ "
+                    "backend, devices). With --endpoint: whether the plugin is active on each worker of a running "
+                    "Xinference. Exit code 1 when the registration (a worker's) is not active, 2 when the endpoint "
+                    "cannot be asked.",
+    )
     doctor.add_argument("--json", action="store_true")
+    doctor.add_argument("--endpoint", help="a running Xinference (supervisor or xinference-local), e.g. http://host:9997")
+    doctor.add_argument("--api-key", help="bearer token for --endpoint when authentication is on (admin scope: "
+                                          "Xinference lists workers to admins only)")
     doctor.set_defaults(func=cmd_doctor)
 
     demo = sub.add_parser("demo", help="offline end-to-end chat on a throwaway local server")

@@ -15,10 +15,21 @@ Two things are done there:
 * ``xinference.model.llm._install`` is wrapped so that, after each (re)load of the
   built-in catalogue, the Ovis2 family is replaced by the one built from our
   ``specs.json`` and its engine and version tables are rebuilt.
+
+In a cluster every process needs this package, workers included. So that a worker
+without it can be told from one with it, the family we publish carries an
+``ovis2_xinf`` field (our version, the class serving it), which a worker reports with
+its family (:func:`worker_plugin_status`). In the supervisor process
+``SupervisorActor`` is wrapped (:func:`_wrap_supervisor`): ``/v1/workers`` then says per
+worker whether the plugin is active there, and an Ovis2 launch placed on a worker
+without it fails naming the plugin. Each process where the registration becomes active
+logs one INFO line saying so, once Xinference has set up its logging.
 """
 
 from __future__ import annotations
 
+import contextvars
+import functools
 import inspect
 import logging
 import os
@@ -27,10 +38,16 @@ import sys
 import threading
 import time
 from importlib import metadata
+from importlib.abc import Loader, MetaPathFinder
 from types import ModuleType
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+
+from . import __version__
 
 logger = logging.getLogger(__name__)
+#: The "active" line goes through a child of Xinference's own logger, so it reaches the
+#: handlers (console, log file) and format Xinference configures in each of its processes.
+announce_logger = logging.getLogger("xinference.ovis2_xinf")
 
 DISABLE_ENV = "OVIS2_XINF_DISABLE"
 ENGINE = "Transformers"
@@ -42,6 +59,21 @@ _WRAPPED_MARK = "__ovis2_xinf_wrapped__"
 _published: Dict[str, Any] = {}
 # xoscar prefixes errors raised in actors with "[address=..., pid=...] ".
 _ACTOR_PREFIX = re.compile(r"^\[address=[^\]]*\]\s*")
+FAMILY_NAME = "Ovis2"
+#: Extra field of the Ovis2 family we publish (``LLMFamilyV2`` allows extra fields): what
+#: a worker reports with its family tells whether our registration is active there.
+MARKER = "ovis2_xinf"
+MISSING_PLUGIN = "Ovis2 needs the ovis2-xinf plugin on worker {address}: pip install ovis2-xinf there"
+SUPERVISOR_MODULE = "xinference.core.supervisor"
+#: Seconds to wait for a worker's answer about its registration.
+WORKER_RPC_TIMEOUT = 10.0
+# Set while the supervisor launches a model that needs this plugin on its workers:
+# the supervisor actor and the model uid.
+_launching_ovis2: contextvars.ContextVar[Optional[Tuple[Any, str]]] = contextvars.ContextVar(
+    "ovis2_xinf_launch", default=None
+)
+_announcement: Dict[str, Any] = {}
+_announcement_lock = threading.Lock()
 
 
 def is_disabled() -> bool:
@@ -139,6 +171,15 @@ def _publish_family(llm: ModuleType) -> None:
     LLM_VERSION_INFOS.pop(family.model_name, None)
     LLM_VERSION_INFOS.update(generate_llm_version_info(family))
 
+    serving = {p["llm_class"] for p in llm.LLM_ENGINES[family.model_name].get(ENGINE, [])}
+    ours = _model_class_if_defined()
+    active = ours is not None and serving == {ours}
+    engine_class = ",".join(sorted(c.__name__ for c in serving)) or None
+    setattr(family, MARKER, {"version": __version__, "engine_class": engine_class, "active": active})
+    if active:
+        _announce(f"ovis2-xinf {__version__} active: {family.model_name} served by {engine_class} "
+                  f"(Xinference {xinference_version()})")
+
 
 def _wrap_install(llm: ModuleType) -> None:
     original = llm._install
@@ -155,6 +196,38 @@ def _wrap_install(llm: ModuleType) -> None:
     setattr(_install, _WRAPPED_MARK, True)
     _install.__doc__ = original.__doc__
     llm._install = _install
+
+
+def _wrap_downloads() -> None:
+    """Say which repo, hub and revision an Ovis2 download failed on, and what to do.
+
+    Runs where the download does (the worker process): ``LLMCacheManager.cache`` is
+    wrapped and, for our family only, Xinference's retry error is replaced by the one
+    :func:`ovis2_xinf.downloads.download_failure` writes, chained to it.
+    """
+    from xinference.model.llm.cache_manager import LLMCacheManager
+
+    original = LLMCacheManager.cache
+    if getattr(original, _WRAPPED_MARK, False):
+        return
+
+    def cache(self) -> str:
+        try:
+            return original(self)
+        except Exception as exc:
+            family = getattr(self, "_llm_family", None)
+            if family is None or family.model_name != FAMILY_NAME or getattr(self, "_model_uri", None):
+                raise
+            from xinference.model import utils as model_utils
+
+            from .downloads import download_failure
+
+            raise download_failure(family.model_specs[0], family.model_name, exc,
+                                   getattr(model_utils, "_auto_detected_hub", None)) from exc
+
+    setattr(cache, _WRAPPED_MARK, True)
+    cache.__doc__ = original.__doc__
+    LLMCacheManager.cache = cache
 
 
 def _bootstrapped() -> bool:
@@ -184,10 +257,12 @@ def on_llm_module_loaded(llm: ModuleType) -> bool:
     from xinference.engine_hooks import MODEL_TYPE_LLM, register_engine_registration_hook
 
     _wrap_install(llm)
+    _wrap_downloads()
     if _bootstrapped():
         model_class_ready(model_class())
     else:
         register_engine_registration_hook(MODEL_TYPE_LLM, _engine_hook)
+    _when_defined(SUPERVISOR_MODULE, "SupervisorActor", _wrap_supervisor)
     logger.debug("ovis2-xinf: registration armed for Xinference %s", version)
     return True
 
@@ -218,7 +293,44 @@ def on_restful_api_loaded(api: ModuleType) -> bool:
 
     setattr(handle_request_limit_error, _WRAPPED_MARK, True)
     cls.handle_request_limit_error = staticmethod(handle_request_limit_error)
+    _refuse_several_choices(cls, HTTPException)
     return True
+
+
+#: Why ``n > 1`` is refused for Ovis2 (Xinference drops ``n`` before the model sees it).
+SEVERAL_CHOICES = ("n: {n} choices were asked for, and ovis2-xinf returns one choice per request; send {n} "
+                   "requests instead (they decode together in one batch), with different seeds for different samples")
+
+
+def _refuse_several_choices(cls: type, http_error: type) -> None:
+    """``n > 1`` for an Ovis2 model becomes a 400 instead of one choice.
+
+    The REST layer removes ``n`` from what it passes to every model (``create_chat_completion``'s
+    ``exclude``), so a model class cannot see it: the handler is wrapped to look at the body
+    first, and asks the supervisor which model the uid is only when ``n`` is above 1.
+    """
+    original = cls.create_chat_completion
+    if getattr(original, _WRAPPED_MARK, False):
+        return
+
+    @functools.wraps(original)  # Xinference checks each route's annotated return type
+    async def create_chat_completion(self, request):
+        try:
+            body = await request.json()
+        except Exception:  # the original handler reports a bad body
+            body = None
+        n = body.get("n") if isinstance(body, dict) else None
+        if isinstance(n, int) and not isinstance(n, bool) and n > 1 and isinstance(body.get("model"), str):
+            try:
+                described = await (await self._get_supervisor_ref()).describe_model(body["model"])
+            except Exception:  # an unknown uid: the original handler says so
+                described = {}
+            if described.get("model_name") == FAMILY_NAME:
+                raise http_error(status_code=400, detail=SEVERAL_CHOICES.format(n=n))
+        return await original(self, request)
+
+    setattr(create_chat_completion, _WRAPPED_MARK, True)
+    cls.create_chat_completion = create_chat_completion
 
 
 def close_dropped_streams() -> bool:
@@ -305,3 +417,299 @@ def status() -> Dict[str, Any]:
         "engine_classes": sorted({p["llm_class"].__name__ for p in engine_params}),
         "engine_choices": len(engine_params),
     }
+
+
+# --- the "active" log line -------------------------------------------------------------
+
+
+def _logging_configured() -> bool:
+    return announce_logger.hasHandlers()
+
+
+def _flush_announcement() -> bool:
+    """Log the pending line if Xinference's logging is set up; True once it has been logged."""
+    with _announcement_lock:
+        message = _announcement.get("pending")
+        if message is None or not _logging_configured():
+            return bool(_announcement.get("done"))
+        del _announcement["pending"]
+        _announcement["done"] = True
+    announce_logger.info("%s", message)
+    return True
+
+
+def _announce(message: str) -> None:
+    """Log ``message`` at INFO once in this process (a catalog refresh publishes again).
+
+    The registration becomes active while Xinference imports its model package, before
+    any of its processes has configured logging (``logging.config.dictConfig`` in its
+    command line, service scripts and actor pools), so the line is held until that has
+    happened: ``dictConfig`` is wrapped until the line has gone out.
+    """
+    with _announcement_lock:
+        if _announcement.get("done") or "pending" in _announcement:
+            return
+        _announcement["pending"] = message
+    if not _flush_announcement():
+        _log_after_logging_config()
+
+
+def _log_after_logging_config() -> None:
+    import logging.config
+
+    original = logging.config.dictConfig
+    if getattr(original, _WRAPPED_MARK, False):
+        return
+
+    def dictConfig(config: Dict[str, Any]) -> None:
+        original(config)
+        if _flush_announcement() and logging.config.dictConfig is dictConfig:
+            logging.config.dictConfig = original
+
+    setattr(dictConfig, _WRAPPED_MARK, True)
+    dictConfig.__doc__ = original.__doc__
+    logging.config.dictConfig = dictConfig
+
+
+# --- finding a class that is defined after our hook has run ----------------------------
+
+
+def _run_guarded(callback: Callable[[Any], None], value: Any) -> None:
+    try:
+        callback(value)
+    except Exception:  # never break Xinference because of the plugin
+        logger.exception("ovis2-xinf: could not wrap %r", value)
+
+
+class _CallbackLoader(Loader):
+    def __init__(self, wrapped: Any, callback: Callable[[ModuleType], None]):
+        self._wrapped = wrapped
+        self._callback = callback
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._wrapped, name)
+
+    def create_module(self, spec):
+        return self._wrapped.create_module(spec)
+
+    def exec_module(self, module: ModuleType) -> None:
+        self._wrapped.exec_module(module)
+        _run_guarded(self._callback, module)
+
+
+class _PostImportFinder(MetaPathFinder):
+    """One-shot: runs ``callback(module)`` right after module ``name`` has executed."""
+
+    def __init__(self, name: str, callback: Callable[[ModuleType], None]):
+        self.name = name
+        self.callback = callback
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != self.name:
+            return None
+        sys.meta_path[:] = [f for f in sys.meta_path if f is not self]
+        for finder in sys.meta_path:
+            find = getattr(finder, "find_spec", None)
+            spec = find(fullname, path, target) if find else None
+            if spec is not None:
+                if spec.loader is not None and hasattr(spec.loader, "exec_module"):
+                    spec.loader = _CallbackLoader(spec.loader, self.callback)
+                return spec
+        return None
+
+
+def _when_defined(module_name: str, attr: str, callback: Callable[[Any], None]) -> None:
+    """Call ``callback(obj)`` once ``module_name.attr`` exists: now, or as soon as it is looked up.
+
+    Our hook runs while Xinference imports ``xinference.model``, which
+    ``xinference.core.supervisor`` does before it defines ``SupervisorActor`` (its last
+    statement). Every user takes the class from the module after that (``from
+    xinference.core.supervisor import SupervisorActor``, or pickle's ``getattr``), so a
+    half-executed module gets a module subclass until the first look-up that finds the
+    name: that one wraps the class and puts the plain module type back. A module that is
+    not imported yet is caught right after its import instead.
+    """
+    module = sys.modules.get(module_name)
+    if module is None:
+        sys.meta_path.insert(0, _PostImportFinder(module_name, lambda m: _when_defined(module_name, attr, callback)))
+        return
+    value = module.__dict__.get(attr)
+    if value is not None:
+        _run_guarded(callback, value)
+        return
+    base = type(module)
+
+    class _Watching(base):  # type: ignore[misc, valid-type]
+        def __getattribute__(self, name: str) -> Any:
+            if name == attr and type(self) is _Watching:
+                found = base.__getattribute__(self, "__dict__").get(attr)
+                if found is not None:
+                    self.__class__ = base
+                    _run_guarded(callback, found)
+            return base.__getattribute__(self, name)
+
+    try:
+        module.__class__ = _Watching
+    except TypeError:
+        logger.warning("ovis2-xinf: cannot watch %s for %s; clusters get no plugin check", module_name, attr)
+
+
+# --- clusters: which workers have the plugin -------------------------------------------
+
+
+async def worker_plugin_status(worker_ref: Any, address: Optional[str] = None,
+                               timeout: float = WORKER_RPC_TIMEOUT) -> Dict[str, Any]:
+    """Whether our registration is active in a worker, from what that worker reports.
+
+    The signal is the worker's own Ovis2 family, ``WorkerActor.get_model_registration("LLM",
+    "Ovis2")`` (the call the supervisor itself uses to find which workers know a model):
+    wherever our registration is active, the family it publishes carries the
+    :data:`MARKER` field (our version, the class serving the Transformers engine, whether
+    that is ours); a worker without the plugin returns Xinference's built-in family, which
+    has none. The worker's Xinference version is its ``get_node_metadata()``, the value
+    ``/v1/cluster/info?detailed=true`` shows.
+
+    No existing endpoint tells a worker with the plugin from one without: ``/v1/workers``
+    gives each worker's address and running models only, ``/v1/model_registrations`` and
+    ``/v1/engines`` merge every worker's answer into one (deduplicated by name), the engine
+    tables the workers report drop the serving class, and the runtime log holds only its
+    last 256 KiB.
+
+    ``plugin_active`` is True or False as the worker reported, None when it did not answer.
+    """
+    import asyncio
+
+    status: Dict[str, Any] = {
+        "plugin_active": None, "plugin_version": None, "engine_class": None, "xinference_version": None,
+    }
+    if worker_ref is None:
+        status["error"] = f"worker {address} is not registered with the supervisor"
+        return status
+
+    async def ask(call):
+        return await asyncio.wait_for(call, timeout)
+
+    family, node = await asyncio.gather(
+        ask(worker_ref.get_model_registration("LLM", FAMILY_NAME)), ask(worker_ref.get_node_metadata()),
+        return_exceptions=True,
+    )
+    if isinstance(node, dict):
+        status["xinference_version"] = node.get("software_version")
+    if isinstance(family, BaseException):
+        status["error"] = f"{type(family).__name__}: {family}"
+        return status
+    marker = getattr(family, MARKER, None) if family is not None else None
+    if not isinstance(marker, dict):
+        status["plugin_active"] = False
+        return status
+    status.update(plugin_active=bool(marker.get("active")), plugin_version=marker.get("version"),
+                  engine_class=marker.get("engine_class"))
+    return status
+
+
+async def require_plugin(worker_refs: Iterable[Any]) -> None:
+    """Refuse a placement on a worker that reports no active plugin (naming it)."""
+    import asyncio
+
+    unique = {ref.address: ref for ref in worker_refs}
+    addresses = sorted(unique)
+    statuses = await asyncio.gather(*[worker_plugin_status(unique[a], a) for a in addresses])
+    for address, status in zip(addresses, statuses):
+        if status["plugin_active"] is False:
+            raise ValueError(MISSING_PLUGIN.format(address=address))
+
+
+async def _report_launch_error(supervisor: Any, model_uid: str, message: str) -> None:
+    """Put ``message`` where launch clients read errors (``xinference launch`` polls the
+    replica statuses): a failure before any replica starts would otherwise leave none."""
+    try:
+        await supervisor._status_guard_ref.update_replica_status(
+            model_uid, 0, {"status": "ERROR", "error_message": message}
+        )
+    except Exception:
+        logger.debug("ovis2-xinf: could not record the launch error of %s", model_uid, exc_info=True)
+
+
+def _needs_plugin(arguments: Dict[str, Any]) -> bool:
+    kwargs = arguments.get("kwargs") or {}
+    get = lambda name: arguments.get(name, kwargs.get(name))  # noqa: E731
+    return (
+        get("model_name") == FAMILY_NAME
+        and str(get("model_type") or "LLM").upper() == "LLM"
+        and str(get("model_engine") or ENGINE).lower() == ENGINE.lower()
+    )
+
+
+def _wrap_supervisor(cls: type) -> None:
+    """Teach ``SupervisorActor`` about the plugin on its workers (supervisor process only).
+
+    * ``get_workers_info`` (``GET /v1/workers``) adds ``ovis2_xinf``, the
+      :func:`worker_plugin_status` of each worker;
+    * an Ovis2 launch (Transformers engine) pinned with ``worker_ip`` is refused at once
+      (HTTP 400, :data:`MISSING_PLUGIN`) when a pinned worker reports no active plugin;
+    * any other Ovis2 launch sets a context flag, and the hub resolution every launch
+      path does once its workers are chosen (``_resolve_download_hub_from_workers``)
+      first refuses a chosen worker without the plugin the same way, recording the
+      message in the replica status that ``xinference launch`` shows. Either way the
+      worker never tries the hub's ``trust_remote_code`` files or the built-in class.
+    """
+    original_info = cls.get_workers_info
+    if not getattr(original_info, _WRAPPED_MARK, False):
+        async def get_workers_info(self) -> List[Dict[str, Any]]:
+            import asyncio
+
+            infos = await original_info(self)
+            workers = dict(self._worker_address_to_worker)
+            statuses = await asyncio.gather(*[
+                worker_plugin_status(workers.get(info.get("work-ip")), info.get("work-ip")) for info in infos
+            ])
+            for info, status in zip(infos, statuses):
+                info[MARKER] = status
+            return infos
+
+        setattr(get_workers_info, _WRAPPED_MARK, True)
+        get_workers_info.__doc__ = original_info.__doc__
+        cls.get_workers_info = get_workers_info
+
+    original_launch = cls._launch_builtin_model
+    if not getattr(original_launch, _WRAPPED_MARK, False):
+        signature = inspect.signature(original_launch)
+
+        async def _launch_builtin_model(self, *args, **kwargs):
+            try:
+                bound = signature.bind(self, *args, **kwargs)
+            except TypeError:  # let Xinference report its own argument error
+                return await original_launch(self, *args, **kwargs)
+            arguments = bound.arguments
+            if not _needs_plugin(arguments):
+                return await original_launch(self, *args, **kwargs)
+            worker_ip = arguments.get("worker_ip")
+            if worker_ip is not None and not self.is_local_deployment():
+                # Pinned: refuse now, before a model uid is taken (a 400 to the caller).
+                await require_plugin(self._get_worker_refs_by_ip(worker_ip))
+            if arguments.get("model_uid") is None:  # the uid Xinference would pick, to report on
+                arguments["model_uid"] = self._gen_model_uid(arguments["model_name"])
+            token = _launching_ovis2.set((self, arguments["model_uid"]))  # its tasks inherit it
+            try:
+                return await original_launch(*bound.args, **bound.kwargs)
+            finally:
+                _launching_ovis2.reset(token)
+
+        setattr(_launch_builtin_model, _WRAPPED_MARK, True)
+        _launch_builtin_model.__wrapped__ = original_launch  # type: ignore[attr-defined]
+        cls._launch_builtin_model = _launch_builtin_model
+
+    original_hub = cls._resolve_download_hub_from_workers  # a staticmethod
+    if not getattr(original_hub, _WRAPPED_MARK, False):
+        async def _resolve_download_hub_from_workers(worker_refs, download_hub, model_path):
+            launch = _launching_ovis2.get()
+            if launch is not None:
+                try:
+                    await require_plugin(worker_refs)
+                except ValueError as error:
+                    await _report_launch_error(*launch, str(error))
+                    raise
+            return await original_hub(worker_refs, download_hub, model_path)
+
+        setattr(_resolve_download_hub_from_workers, _WRAPPED_MARK, True)
+        cls._resolve_download_hub_from_workers = staticmethod(_resolve_download_hub_from_workers)
