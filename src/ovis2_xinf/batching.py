@@ -26,7 +26,7 @@ import logging
 import queue
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Deque, Dict, Iterator, List, Optional, Sequence, Union
+from typing import Any, Deque, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -38,14 +38,34 @@ logger = logging.getLogger(__name__)
 _END = None
 
 
+@dataclass
+class TokenLogprob:
+    """What ``logprobs`` reports for one generated token, from the model's own distribution."""
+
+    token: int
+    logprob: float
+    top: List[Tuple[int, float]]
+
+
+@dataclass
+class RowOptions:
+    """Per-request extras: a grammar to follow, and logprobs to record (``top`` alternatives each)."""
+
+    grammar: Any = None  # structured.RowGrammar
+    top_logprobs: Optional[int] = None  # None: no logprobs; 0: the sampled token's only
+    logprobs: List[TokenLogprob] = field(default_factory=list)  # filled before each token is handed out
+
+
 class _Row:
     """One request in the scheduler: its inputs, its sampling state and its outbox."""
 
     def __init__(self, inputs: Dict[str, Any], plan: SamplingPlan, device: torch.device,
-                 images: Sequence[ImageRef] = ()):
+                 images: Sequence[ImageRef] = (), options: Optional[RowOptions] = None):
         self.inputs = inputs
         self.images = list(images)
         self.plan = plan
+        self.options = options or RowOptions()
+        self.grammar = self.options.grammar
         kwargs = plan.generate_kwargs
         self.eos = set(kwargs.get("eos_token_id") or [])
         self.max_new = int(plan.max_new_tokens)
@@ -70,9 +90,15 @@ class _Row:
 
     def choose(self, logits: torch.Tensor) -> int:
         """The next token from this row's last-position logits (a 1-D float tensor)."""
-        scores = logits.float().unsqueeze(0)
+        raw = logits.float().unsqueeze(0)
+        scores = self.grammar.mask(raw) if self.grammar is not None else raw.clone()
         if self.produced < self.min_new and self.eos:
             scores[:, list(self.eos)] = float("-inf")
+        plan = self.plan
+        if self.produced and (plan.frequency_penalty or plan.presence_penalty):
+            answer = self.history[self.prompt_len:].to(scores.device)
+            counts = torch.zeros_like(scores[0]).index_add_(0, answer, torch.ones_like(answer, dtype=scores.dtype))
+            scores = scores - plan.frequency_penalty * counts - plan.presence_penalty * (counts > 0).to(scores.dtype)
         scores = self.processors(self.history.unsqueeze(0).to(scores.device), scores)
         if self.do_sample:
             probs = torch.softmax(scores, dim=-1)
@@ -80,13 +106,26 @@ class _Row:
         else:
             token = scores.argmax(dim=-1, keepdim=True)
         value = int(token.item())
+        if self.grammar is not None:
+            self.grammar.accept(value)
+        if self.options.top_logprobs is not None:
+            self._record(raw[0], value)
         self.history = torch.cat([self.history, self.history.new_tensor([value])])
         self.produced += 1
         self.last_token = value
         return value
 
+    def _record(self, logits: torch.Tensor, token: int) -> None:
+        logprobs = torch.log_softmax(logits, dim=-1)
+        top: List[Tuple[int, float]] = []
+        if self.options.top_logprobs:
+            values, ids = logprobs.topk(self.options.top_logprobs)
+            top = list(zip(ids.tolist(), values.tolist()))
+        self.options.logprobs.append(TokenLogprob(token, float(logprobs[token]), top))
+
     def finished(self, token: int) -> bool:
-        return token in self.eos or self.produced >= self.max_new
+        done = token in self.eos or self.produced >= self.max_new
+        return done or (self.grammar is not None and self.grammar.finished)
 
 
 def _processors(kwargs: Dict[str, Any]):
@@ -236,14 +275,15 @@ class BatchScheduler:
 
     # --- the consumer side -------------------------------------------------------------
 
-    def submit(self, inputs: Dict[str, Any], plan: SamplingPlan,
-               images: Sequence[ImageRef] = ()) -> Iterator[List[int]]:
+    def submit(self, inputs: Dict[str, Any], plan: SamplingPlan, images: Sequence[ImageRef] = (),
+               options: Optional[RowOptions] = None) -> Iterator[List[int]]:
         """Yield the token ids generated since the last pull; closing the iterator ends the row.
 
         ``images`` (one per image of the prompt, in order) lets the prefill reuse what earlier
-        requests computed; without reuse they are not needed.
+        requests computed; without reuse they are not needed. ``options`` adds a grammar or
+        logprobs to this row.
         """
-        row = _Row(inputs, plan, self._device, images)
+        row = _Row(inputs, plan, self._device, images, options)
         with self._wake:
             if self._closed:
                 raise RuntimeError("the model's scheduler has stopped")

@@ -25,6 +25,9 @@ class SamplingPlan:
     seed: Optional[int]
     stop: List[str]
     max_new_tokens: int
+    #: OpenAI's penalties over the answer's own tokens (``generate`` has none of its own)
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
 
 
 def _number(config: Dict[str, Any], key: str, kind: type, low: float, high: float) -> Any:
@@ -59,6 +62,8 @@ def plan_sampling(
     repetition_penalty = _number(config, "repetition_penalty", float, 0.01, 100.0)
     max_tokens = _number(config, "max_tokens", int, 1, 10**9) or DEFAULT_MAX_TOKENS
     seed = _number(config, "seed", int, -(2**63), 2**63 - 1)
+    frequency_penalty = _number(config, "frequency_penalty", float, -2.0, 2.0) or 0.0
+    presence_penalty = _number(config, "presence_penalty", float, -2.0, 2.0) or 0.0
 
     do_sample = bool(defaults["do_sample"])
     if temperature is not None:
@@ -91,7 +96,7 @@ def plan_sampling(
     kwargs.update(max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad_token_id, use_cache=True)
     if config.get("ignore_eos"):
         kwargs["min_new_tokens"] = max_new_tokens
-    return SamplingPlan(kwargs, seed, stop, max_new_tokens)
+    return SamplingPlan(kwargs, seed, stop, max_new_tokens, frequency_penalty, presence_penalty)
 
 
 @dataclass

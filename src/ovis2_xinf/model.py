@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -29,8 +30,12 @@ from xinference.model.llm.transformers.core import PytorchChatModel
 
 from .checkpoint import config_digest_note, tokens_per_crop
 from .errors import Ovis2RequestError
-from .batching import BatchScheduler, default_kv_budget, kv_bytes_per_token
+from .batching import BatchScheduler, RowOptions, default_kv_budget, kv_bytes_per_token
 from .generation import SamplingPlan, TextEvent, plan_sampling, stream_text
+from .logprobs import TokenText
+from .logprobs import content as logprob_content
+from .request_fields import refuse_unsupported, top_logprobs
+from .structured import Grammars, requested
 from .media import MediaLimits
 from .messages import build_conversation
 from .preprocessing import Ovis2ImagePreprocessor
@@ -77,6 +82,13 @@ def _mib_option(config: Dict[str, Any], name: str, env: str, positive: bool) -> 
     return size
 
 
+def _finish_reason(reason: str, options: RowOptions) -> str:
+    """A grammar that has nothing left to allow ends the answer as a stop, not a length cut."""
+    if reason == "length" and options.grammar is not None and options.grammar.finished:
+        return "stop"
+    return reason
+
+
 @dataclass
 class _Prepared:
     encoded: EncodedPrompt
@@ -84,6 +96,8 @@ class _Prepared:
     include_usage: bool
     image_keys: List[str]  # one per image when reuse is on
     image_crops: List[int]
+    grammar: Any  # a compiled grammar (structured output), or None
+    top_logprobs: Optional[int]  # None: no logprobs
 
 
 def _log_like_xinference() -> None:
@@ -168,6 +182,9 @@ class Ovis2NativeChatModel(PytorchChatModel):
         self._limits = MediaLimits.from_env()
         hold_whole_images(self._limits.max_image_pixels)  # request images are then read in place
         self._scheduler = self._start_scheduler(config, loaded)
+        self._grammar_compiler: Optional[Grammars] = None
+        self._grammar_lock = threading.Lock()
+        self._token_text = TokenText(self._tokenizer)
         note = config_digest_note(self.model_path, getattr(self.model_spec, "model_metadata", None))
         if note:
             logger.warning("Ovis2 %s: %s", self.model_spec.model_id, note)
@@ -244,8 +261,9 @@ class Ovis2NativeChatModel(PytorchChatModel):
         )
         options = config.get("stream_options") or {}
         keys = [image_key(p.pixel_values) for p in processed] if self._reuse.enabled else []
+        grammar = self._grammars().compile(config) if requested(config)[0] is not None else None
         return _Prepared(encoded, plan, bool(isinstance(options, dict) and options.get("include_usage")),
-                         keys, [int(p.pixel_values.shape[0]) for p in processed])
+                         keys, [int(p.pixel_values.shape[0]) for p in processed], grammar, top_logprobs(config))
 
     def _inputs(self, encoded: EncodedPrompt) -> Dict[str, Any]:
         device = self._model.get_input_embeddings().weight.device
@@ -259,7 +277,7 @@ class Ovis2NativeChatModel(PytorchChatModel):
             inputs["pixel_values"] = encoded.pixel_values.to(vision_device, dtype)
         return inputs
 
-    def _events(self, prepared: _Prepared) -> Iterator[TextEvent]:
+    def _events(self, prepared: _Prepared) -> Tuple[Iterator[TextEvent], RowOptions]:
         inputs = self._inputs(prepared.encoded)
         images: List[ImageRef] = []
         if prepared.image_keys:
@@ -267,8 +285,26 @@ class Ovis2NativeChatModel(PytorchChatModel):
             for key, crops, (start, end) in zip(prepared.image_keys, prepared.image_crops, prepared.encoded.image_spans):
                 images.append(ImageRef(key, start, end, pixels[first:first + crops]))
                 first += crops
-        tokens = self._scheduler.submit(inputs, prepared.plan, images)
-        return stream_text(tokens, self._tokenizer, prepared.plan, self._eos_ids)
+        options = RowOptions(top_logprobs=prepared.top_logprobs)
+        if prepared.grammar is not None:
+            options.grammar = self._grammars().matcher(prepared.grammar)
+        tokens = self._scheduler.submit(inputs, prepared.plan, images, options)
+        return stream_text(tokens, self._tokenizer, prepared.plan, self._eos_ids), options
+
+    def _grammars(self) -> Grammars:
+        """The grammar compiler, made on the first request that needs one (xgrammar loads then)."""
+        with self._grammar_lock:
+            if self._grammar_compiler is None:
+                vocab_size = self._model.get_output_embeddings().weight.shape[0]
+                self._grammar_compiler = Grammars(self._tokenizer, vocab_size, self._eos_ids[0])
+            return self._grammar_compiler
+
+    def _logprobs(self, options: RowOptions, start: int, end: int) -> Optional[Dict[str, Any]]:
+        """``logprobs`` for the answer's tokens ``start:end`` (the end-of-turn token left out)."""
+        if options.top_logprobs is None:
+            return None
+        records = [r for r in options.logprobs[start:end] if r.token not in self._eos_ids]
+        return {"content": logprob_content(records, self._token_text), "refusal": None}
 
     def _usage(self, prepared: _Prepared, completion_tokens: int) -> Dict[str, int]:
         prompt_tokens = int(prepared.encoded.input_ids.shape[1])
@@ -283,8 +319,7 @@ class Ovis2NativeChatModel(PytorchChatModel):
     ) -> Union[Dict[str, Any], Iterator[Dict[str, Any]]]:
         config = dict(generate_config or {})
         logger.debug("chat request options: %s", sorted(config))
-        if config.get("tools"):
-            raise Ovis2RequestError("tools: Ovis2 does not support tool calls")
+        refuse_unsupported(config)
         prepared = self._prepare(messages, config)
         if config.get("stream"):
             return self._stream_chunks(prepared)
@@ -292,11 +327,12 @@ class Ovis2NativeChatModel(PytorchChatModel):
 
     def _complete(self, prepared: _Prepared) -> Dict[str, Any]:
         text, finish_reason, completion_tokens = "", "length", 0
-        for event in self._events(prepared):
+        events, options = self._events(prepared)
+        for event in events:
             text += event.text
             completion_tokens = event.completion_tokens
             if event.finish_reason:
-                finish_reason = event.finish_reason
+                finish_reason = _finish_reason(event.finish_reason, options)
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex}",
             "object": "chat.completion",
@@ -307,7 +343,7 @@ class Ovis2NativeChatModel(PytorchChatModel):
                     "index": 0,
                     "message": {"role": "assistant", "content": text},
                     "finish_reason": finish_reason,
-                    "logprobs": None,
+                    "logprobs": self._logprobs(options, 0, completion_tokens),
                 }
             ],
             "usage": self._usage(prepared, completion_tokens),
@@ -317,13 +353,14 @@ class Ovis2NativeChatModel(PytorchChatModel):
         chunk_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
 
-        def chunk(delta: Dict[str, Any], finish_reason: Optional[str], usage=None, choices=True) -> Dict[str, Any]:
+        def chunk(delta: Dict[str, Any], finish_reason: Optional[str], usage=None, choices=True,
+                  logprobs=None) -> Dict[str, Any]:
             body: Dict[str, Any] = {
                 "id": chunk_id,
                 "object": "chat.completion.chunk",
                 "created": created,
                 "model": self.model_uid,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": logprobs}]
                 if choices
                 else [],
             }
@@ -331,16 +368,19 @@ class Ovis2NativeChatModel(PytorchChatModel):
                 body["usage"] = usage
             return body
 
-        events = self._events(prepared)
-        completion_tokens = 0
+        events, options = self._events(prepared)
+        completion_tokens = sent = 0
         try:
             yield chunk({"role": "assistant", "content": ""}, None)
             for event in events:
                 completion_tokens = event.completion_tokens
                 if event.text:
-                    yield chunk({"content": event.text}, None)
+                    yield chunk({"content": event.text}, None, logprobs=self._logprobs(options, sent, completion_tokens))
+                    sent = completion_tokens
                 if event.finish_reason:
-                    yield chunk({}, event.finish_reason)
+                    rest = self._logprobs(options, sent, completion_tokens)
+                    yield chunk({}, _finish_reason(event.finish_reason, options),
+                                logprobs=rest if rest and rest["content"] else None)
             if prepared.include_usage:
                 yield chunk({}, None, usage=self._usage(prepared, completion_tokens), choices=False)
         finally:
