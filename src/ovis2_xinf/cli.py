@@ -95,6 +95,22 @@ def _devices() -> Dict[str, object]:
     return info
 
 
+def _auto_gptq() -> str:
+    """auto-gptq, if an older environment still has it: never used (GPTQModel serves GPTQ).
+
+    Imported in a fresh interpreter, since it fails to import beside transformers 5.
+    """
+    version = _version("auto-gptq")
+    if version == "not installed":
+        return version
+    done = subprocess.run([sys.executable, "-c", "import auto_gptq"], capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL, timeout=300)
+    if done.returncode == 0:
+        return f"installed ({version}), not used: GPTQModel serves GPTQ checkpoints"
+    lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
+    return f"installed ({version}), not used: {lines[-1].strip() if lines else 'it does not import'}"
+
+
 def _worker_row(entry: Dict[str, Any]) -> Dict[str, Any]:
     status = entry.get("ovis2_xinf")
     models = entry.get("models")
@@ -199,6 +215,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         "gptq_backend": (
             f"gptqmodel {_version('gptqmodel')}" if gptq_backend_available() else f"missing ({GPTQ_INSTALL_HINT})"
         ),
+        "auto_gptq": _auto_gptq(),
         "devices": _devices(),
     }
     _progress("checking registration in a fresh interpreter…")
