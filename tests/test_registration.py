@@ -168,3 +168,19 @@ def test_importing_our_model_module_first_registers_too():
     state, first = json.loads(next(l for l in done.stdout.splitlines() if l.startswith("PROBE"))[5:])
     assert first == "Ovis2NativeChatModel" and state["class_first"] and state["family_is_ours"]
     assert state["engine_classes"] == ["Ovis2NativeChatModel"]
+
+
+def test_imports_run_one_way():
+    """The model class is readable without the registration layer, and the registration
+    layer without the model class: neither module imports the other when imported."""
+    probe = ("import sys, importlib; importlib.import_module(sys.argv[1]); "
+             "print(sorted(m for m in sys.modules if m.startswith('ovis2_xinf.')))")
+    env = {k: v for k, v in os.environ.items() if k != "OVIS2_XINF_DISABLE"}
+    loaded = {}
+    for module in ("ovis2_xinf.model", "ovis2_xinf.registration"):
+        done = subprocess.run([sys.executable, "-S", "-c", probe, module], capture_output=True, text=True, env={
+            **env, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}, stdin=subprocess.DEVNULL, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        loaded[module] = json.loads(done.stdout.strip().splitlines()[-1].replace("'", '"'))
+    assert "ovis2_xinf.registration" not in loaded["ovis2_xinf.model"]
+    assert "ovis2_xinf.model" not in loaded["ovis2_xinf.registration"]

@@ -40,7 +40,6 @@ from .media import MediaLimits
 from .messages import build_conversation
 from .preprocessing import Ovis2ImagePreprocessor
 from .prompt import EncodedPrompt, encode
-from .registration import close_dropped_streams, model_class_ready
 from .resample import hold_whole_images
 from .reuse import ImageRef, ReuseCache, default_reuse_budget, image_key
 
@@ -144,7 +143,6 @@ class Ovis2NativeChatModel(PytorchChatModel):
         from .quantization import quantization_loader_for
 
         _log_like_xinference()
-        close_dropped_streams()
         config = self._pytorch_model_config
         device, max_memory = self._device_and_memory()
         dtype = _dtype(config.get("torch_dtype"), device)
@@ -385,8 +383,3 @@ class Ovis2NativeChatModel(PytorchChatModel):
                 yield chunk({}, None, usage=self._usage(prepared, completion_tokens), choices=False)
         finally:
             events.close()
-
-
-# Where this module is what imported Xinference (a model subprocess), the engine hook
-# ran before the class existed: finish the registration now.
-model_class_ready(Ovis2NativeChatModel)

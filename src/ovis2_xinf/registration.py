@@ -114,8 +114,9 @@ def _model_class_if_defined() -> Optional[type]:
     """Our class, unless ``ovis2_xinf.model`` is the import that is bootstrapping Xinference.
 
     A model subprocess imports ``ovis2_xinf.model`` first; its import of Xinference then
-    runs the engine hook while our module is only half executed. The module finishes the
-    registration itself (:func:`model_class_ready`) once the class exists.
+    runs the engine hook while our module is only half executed. The hook then finishes the
+    registration (:func:`model_class_ready`) when the class is first looked up, so the model
+    module never has to import this one.
     """
     module = sys.modules.get(f"{__package__}.model")
     if module is not None and not hasattr(module, "Ovis2NativeChatModel"):
@@ -132,6 +133,8 @@ def _engine_hook(table: Dict[str, List[type]]) -> None:
     cls = _model_class_if_defined()
     if cls is not None:
         table[ENGINE] = _put_first(table.get(ENGINE, []), cls)
+    else:
+        _when_defined(f"{__package__}.model", "Ovis2NativeChatModel", model_class_ready)
 
 
 def model_class_ready(cls: type) -> None:
@@ -263,6 +266,7 @@ def on_llm_module_loaded(llm: ModuleType) -> bool:
     else:
         register_engine_registration_hook(MODEL_TYPE_LLM, _engine_hook)
     _when_defined(SUPERVISOR_MODULE, "SupervisorActor", _wrap_supervisor)
+    _when_defined("xinference.core.model", "ModelActor", close_dropped_streams)
     logger.debug("ovis2-xinf: registration armed for Xinference %s", version)
     return True
 
@@ -333,7 +337,7 @@ def _refuse_several_choices(cls: type, http_error: type) -> None:
     cls.create_chat_completion = create_chat_completion
 
 
-def close_dropped_streams() -> bool:
+def close_dropped_streams(model_actor: type) -> None:
     """Close a stream's generator as soon as Xinference drops it.
 
     When a client disconnects, Xinference drops the model's stream generator
@@ -341,15 +345,12 @@ def close_dropped_streams() -> bool:
     the cancelled call's traceback keeps it suspended until the garbage collector runs,
     which may be minutes. Only closing it stops the generation behind it, so the
     dropped generator is closed here, right away or, when another thread is inside it,
-    as soon as that thread leaves. Called in the model process by the model class.
+    as soon as that thread leaves. Applied to ``xinference.core.model.ModelActor`` once it is
+    defined, in every process where the registration is armed (model processes use it).
     """
-    if is_disabled() or not is_supported_version(xinference_version()):
-        return False
-    from xinference.core.model import ModelActor
-
-    original = ModelActor.__xoscar_destroy_generator__
+    original = model_actor.__xoscar_destroy_generator__
     if getattr(original, _WRAPPED_MARK, False):
-        return True
+        return
 
     async def __xoscar_destroy_generator__(self, generator_uid: str):
         dropped = self._generators.get(generator_uid)
@@ -359,8 +360,7 @@ def close_dropped_streams() -> bool:
         return result
 
     setattr(__xoscar_destroy_generator__, _WRAPPED_MARK, True)
-    ModelActor.__xoscar_destroy_generator__ = __xoscar_destroy_generator__
-    return True
+    model_actor.__xoscar_destroy_generator__ = __xoscar_destroy_generator__
 
 
 def _close_when_free(generator, poll_s: float = 0.02) -> None:
