@@ -3,4 +3,4 @@
 Kept free of imports: ``ovis2_xinf._autoload`` is imported at every interpreter start.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
