@@ -15,14 +15,13 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence
 
 import httpx
 
-from .local_server import HOST, _stop, console_script, free_port
+from .local_server import HOST, _stop, console_script, free_port, wait_until
 
 logger = logging.getLogger(__name__)
 
@@ -88,19 +87,13 @@ def _start(role: str, args: Sequence[str], env: Dict[str, str], address: str) ->
 
 
 def _wait(cluster: LocalCluster, ready, what: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
+    def exited() -> Optional[str]:
         for node in cluster.nodes:
             if node.process.poll() is not None:
-                raise RuntimeError(f"{node.role} {node.address} exited with {node.process.returncode}:\n{cluster.logs()}")
-        try:
-            if ready():
-                return
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} not ready after {timeout}s:\n{cluster.logs()}")
-        time.sleep(0.5)
+                return f"{node.role} {node.address} exited with {node.process.returncode}"
+        return None
+
+    wait_until(ready, exited, what, timeout, cluster.logs)
 
 
 @contextlib.contextmanager

@@ -20,7 +20,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, Iterator, Optional
+from typing import Callable, Dict, Iterator, Optional
 
 import httpx
 
@@ -87,6 +87,24 @@ class LocalServer:
         raise RuntimeError(f"no model uid in launch output:\n{done.stdout}\n{done.stderr}")
 
 
+def wait_until(ready: Callable[[], bool], exited: Callable[[], Optional[str]], what: str, timeout: float,
+               logs: Callable[[], str]) -> None:
+    """Poll ``ready`` until it holds; fail with the logs when a process exits or time runs out."""
+    deadline = time.monotonic() + timeout
+    while True:
+        reason = exited()
+        if reason:
+            raise RuntimeError(f"{reason}:\n{logs()}")
+        try:
+            if ready():
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} not ready after {timeout}s:\n{logs()}")
+        time.sleep(0.5)
+
+
 def console_script(name: str) -> str:
     """The path of an installed console script of this environment (the venv's own first)."""
     candidate = Path(sys.executable).with_name(name)
@@ -141,19 +159,13 @@ def local_server(
     )
     server = LocalServer(home, port, process, log_path, auth=auth)
     ready = (200, 401) if auth else (200,)
+    def exited() -> Optional[str]:
+        code = process.poll()
+        return None if code is None else f"xinference-local exited with {code}"
+
     try:
-        deadline = time.monotonic() + startup_timeout
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"xinference-local exited with {process.returncode}:\n{server.log_tail()}")
-            try:
-                if httpx.get(f"{server.endpoint}/v1/models", timeout=2).status_code in ready:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"xinference-local not ready after {startup_timeout}s:\n{server.log_tail()}")
-            time.sleep(0.5)
+        wait_until(lambda: httpx.get(f"{server.endpoint}/v1/models", timeout=2).status_code in ready, exited,
+                   "xinference-local", startup_timeout, server.log_tail)
         logger.info("xinference-local ready at %s (home %s, auth %s)", server.endpoint, home,
                     "on" if auth else "off")
         yield server
