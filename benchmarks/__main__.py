@@ -1,7 +1,9 @@
 """``python -m benchmarks``: prints a table per section and writes one JSON file.
 
-Sections: ``preprocess``, ``detokenize``, ``memory``, ``serving`` (overhead, concurrency,
-load time).
+Sections: ``preprocess``, ``detokenize``, ``memory``, ``serving`` (overhead, load time),
+``concurrency`` (continuous batching: served streams against the batched forward),
+``multiturn`` (reuse across turns: a 4-turn chat about one image, cold against warm TTFT),
+``grammar`` (structured output: llguidance compile time and mask cost per token against a decode step).
 ``--model tiny`` uses the bundled fixture (quick); ``--model 1b`` builds a random
 checkpoint with the real Ovis2-1B dimensions locally first (several GB, minutes).
 ``--smoke`` runs everything on the tiny fixture with the fewest repetitions: CI uses it
@@ -21,7 +23,7 @@ from typing import Any, Dict, List
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "src" / "ovis2_xinf" / "assets" / "tiny-ovis2"
 TINY_GPTQ = ROOT / "tests" / "fixtures" / "tiny-ovis2-gptq-int4"
-SECTIONS = ("preprocess", "detokenize", "memory", "serving")
+SECTIONS = ("preprocess", "detokenize", "memory", "serving", "concurrency", "multiturn", "grammar")
 
 
 def _table(rows: List[Dict[str, Any]], columns: List[str]) -> str:
@@ -35,17 +37,17 @@ def _table(rows: List[Dict[str, Any]], columns: List[str]) -> str:
     return "\n".join(lines)
 
 
-def _checkpoints(model: str, workdir: Path) -> Dict[str, Path]:
+def _checkpoints(model: str, workdir: Path, gptq: bool = True) -> Dict[str, Path]:
     if model == "tiny":
         return {"pytorch": TINY, "gptq": TINY_GPTQ}
     from . import realshape
 
     size = model.rstrip("bB")
     print(f"building random Ovis2-{size}B-shaped checkpoints under {workdir} ...", flush=True)
-    return {
-        "pytorch": realshape.build_pytorch(size, workdir / f"ovis2-{size}b-bf16-v2"),
-        "gptq": realshape.build_gptq(size, workdir / f"ovis2-{size}b-gptq-int4-v2"),
-    }
+    paths = {"pytorch": realshape.build_pytorch(size, workdir / f"ovis2-{size}b-bf16-v2")}
+    if gptq:
+        paths["gptq"] = realshape.build_gptq(size, workdir / f"ovis2-{size}b-gptq-int4-v2")
+    return paths
 
 
 def run_preprocess(args) -> Dict[str, Any]:
@@ -94,13 +96,11 @@ def run_serving(args, paths, workdir: Path) -> Dict[str, Any]:
 
     tokens = 4 if args.smoke else args.max_tokens
     runs = 1 if args.smoke else 3
-    levels = (1, 2) if args.smoke else (1, 2, 4, 8)
     direct = serving.direct(paths["pytorch"], tokens, runs)
-    served = serving.served(paths["pytorch"], tokens, runs, levels, 4 if args.smoke else 16)
+    served = serving.served(paths["pytorch"], tokens, runs)
     loads = serving.load_times(paths["pytorch"], workdir / f"native-{args.model}-bf16")
     result = {
-        "direct": direct, "served": {k: v for k, v in served.items() if k != "concurrency"},
-        "concurrency": served["concurrency"], "load": loads,
+        "direct": direct, "served": served, "load": loads,
         "decode_ratio": (served["decode_tok_s"] / direct["decode_tok_s"]
                          if served["decode_tok_s"] and direct["decode_tok_s"] else None),
         "ttft_over_direct_s": served["ttft_s"] - direct["ttft_s"],
@@ -111,9 +111,68 @@ def run_serving(args, paths, workdir: Path) -> Dict[str, Any]:
     ], ["path", "ttft_s", "decode_tok_s"]))
     ratio = "n/a (every token of a run came in one chunk)" if result["decode_ratio"] is None else f"{result['decode_ratio']:.3f}"
     print(f"decode ratio served/direct {ratio}; TTFT +{result['ttft_over_direct_s'] * 1000:.0f} ms")
-    print(_table(served["concurrency"], ["concurrency", "wall_s", "aggregate_tok_s", "all_equal_sequential"]))
     print(f"launch to ready {served['launch_to_ready_s']:.1f}s; our loader {loads['ours_s']:.1f}s; "
           f"plain from_pretrained {loads['plain_from_pretrained_s']:.1f}s (fresh processes, float32, weights touched)")
+    return result
+
+
+def run_concurrency(args, paths) -> Dict[str, Any]:
+    from . import concurrency
+
+    result = concurrency.run(paths["pytorch"], args.smoke)
+    for name, work in result["workloads"].items():
+        print(f"{name}: {work['prompt_tokens']} prompt tokens, {work['max_tokens']} new tokens each")
+        print(_table(work["rows"], ["concurrency", "served_tok_s", "direct_tok_s", "served_over_direct", "steady_tok_s",
+                                    "steady_over_direct", "ttft_p50_s", "ttft_p95_s", "itl_p95_s", "wall_s",
+                                    "served_cpu_share", "direct_cpu_share"]))
+    load = result["ttft_under_load"]
+    print(f"TTFT p95 of one {load['workload']} request: alone {load['solo_p95_s']:.3f}s, while {load['background']} "
+          f"decode {load['loaded_p95_s']:.3f}s ({load['ratio']:.2f}x; background decoding throughout: "
+          f"{load['background_decoding_throughout']})")
+    targets = result["targets"]
+    rows = []
+    for name in result["workloads"]:
+        v = result["verdict"][name]
+        rows.append({"target": f"{name}: served/direct, every N", "want": f">= {targets['served_over_direct']}",
+                     "measured": v["served_over_direct_min"], "met": v["served_over_direct_met"]})
+        rows.append({"target": f"{name}: served N=8 / N=1", "want": f">= {targets['scaling_8_over_1']}",
+                     "measured": v["scaling_8_over_1"], "met": v["scaling_met"]})
+    rows.append({"target": f"TTFT p95 while {load['background']} decode / alone", "want": f"<= {targets['ttft_under_load_ratio']}",
+                 "measured": result["verdict"]["ttft_under_load"]["ratio"],
+                 "met": result["verdict"]["ttft_under_load"]["met"]})
+    print(_table(rows, ["target", "want", "measured", "met"]))
+    return result
+
+
+def run_multiturn(args, paths) -> Dict[str, Any]:
+    from . import multiturn
+
+    result = multiturn.run(paths["pytorch"], args.smoke)
+    print(f"{result['turns']} turns about one {result['image']} image, {result['max_tokens']} new tokens a turn, "
+          f"greedy; {result['mode']}")
+    columns = ["turn", "prompt_tokens", "cold_ttft_s", "warm_ttft_s", "warm_over_cold", "cold_turn_s", "warm_turn_s",
+               "answers_equal"]
+    print(_table(result["rows"], columns))
+    result["table"] = _table(result["rows"], columns)
+    v = result["verdict"]
+    later = "n/a" if v["later_turns_max_ratio"] is None else f"{v['later_turns_max_ratio']:.3f}"
+    print(f"turns 2+: warm/cold TTFT at most {later} (target <= {result['target_ratio']}: "
+          f"{'met' if v['target_met'] else 'not met'}); warm answers equal cold: {v['answers_equal']}")
+    return result
+
+
+def run_grammar(args) -> Dict[str, Any]:
+    from . import grammar
+
+    result = grammar.run(args.model, args.smoke, args.workdir, args.tokenizer)
+    print(f"tokenizer {result['tokenizer']} ({result['tokenizer_tokens']} tokens, vocab {result['vocab_size']}); "
+          f"setup {result['setup_ms']:.0f} ms; first mask in the process {result['first_mask_in_process_ms']:.0f} ms")
+    print(_table(result["rows"], ["case", "compile_ms", "first_mask_ms", "mask_ms", "accept_ms", "per_token_ms",
+                                  "per_token_p95_ms", "decode_ms", "ratio", "answers_parsed", "answers_failed"]))
+    v = result["verdict"]
+    print(f"mask + accept per token / decode step: at most {v['worst_ratio']:.4f} "
+          f"(target <= {result['target_ratio']}: {'met' if v['target_met'] else 'not met'})")
+    print(json.dumps({k: result[k] for k in ("setup_ms", "first_mask_in_process_ms", "rows", "verdict")}))
     return result
 
 
@@ -126,14 +185,23 @@ def plot(result: Dict[str, Any], path: Path) -> bool:
     except ImportError:
         print("matplotlib not installed: no plot", file=sys.stderr)
         return False
-    rows = result["sections"]["serving"]["concurrency"]
-    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=120)
-    ax.plot([r["concurrency"] for r in rows], [r["aggregate_tok_s"] for r in rows], marker="o")
-    ax.set_xlabel("concurrent chat requests")
-    ax.set_ylabel("aggregate tokens/s")
-    ax.set_title(f"Ovis2 ({result['model']}) on {result['machine']['device']}")
-    ax.set_xticks([r["concurrency"] for r in rows])
+    section = result["sections"]["concurrency"]
+    fig, ax = plt.subplots(figsize=(5.5, 3.4), dpi=120)
+    for (name, work), color in zip(section["workloads"].items(), ("tab:blue", "tab:orange")):
+        rows = work["rows"]
+        levels = [r["concurrency"] for r in rows]
+        ax.plot(levels, [r["served_tok_s"] or 0 for r in rows], marker="o", color=color,
+                label=f"{name}: served ({work['max_tokens']} tokens)")
+        ax.plot(levels, [r["direct_tok_s"] for r in rows], linestyle="--", marker=".", color=color,
+                label=f"{name}: direct batched forward")
+    ax.set_xlabel("concurrent streaming requests")
+    ax.set_ylabel("aggregate decode tokens/s")
+    ax.set_title(f"Ovis2 ({result['model']}, float32) on {result['machine']['device']}, "
+                 f"{result['machine']['cpus']} cores", fontsize=9)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(section["levels"], [str(n) for n in section["levels"]])
     ax.set_ylim(bottom=0)
+    ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
@@ -149,7 +217,9 @@ def main(argv=None) -> int:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/ovis2-xinf-bench"))
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "latest.json")
-    parser.add_argument("--plot", type=Path, help="write the throughput-vs-concurrency PNG here")
+    parser.add_argument("--plot", type=Path, help="write the throughput-vs-concurrency PNG here (concurrency section)")
+    parser.add_argument("--tokenizer", type=Path, help="grammar section: a tokenizer directory (default: the tiny "
+                        "one; for 1b/2b a Qwen2.5-sized BPE trained once under --workdir)")
     args = parser.parse_args(argv)
     if args.smoke:
         args.model = "tiny"
@@ -167,7 +237,8 @@ def main(argv=None) -> int:
         "sections": {},
     }
     args.workdir.mkdir(parents=True, exist_ok=True)
-    paths = _checkpoints(args.model, args.workdir) if {"memory", "serving"} & set(sections) else {}
+    paths = (_checkpoints(args.model, args.workdir, gptq="memory" in sections)
+             if {"memory", "serving", "concurrency", "multiturn"} & set(sections) else {})
     for section in sections:
         print(f"\n== {section}", flush=True)
         if section == "preprocess":
@@ -176,12 +247,18 @@ def main(argv=None) -> int:
             result["sections"][section] = run_detokenize(args)
         elif section == "memory":
             result["sections"][section] = run_memory(args, paths)
+        elif section == "multiturn":
+            result["sections"][section] = run_multiturn(args, paths)
+        elif section == "grammar":
+            result["sections"][section] = run_grammar(args)
+        elif section == "concurrency":
+            result["sections"][section] = run_concurrency(args, paths)
         else:
             result["sections"][section] = run_serving(args, paths, args.workdir)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     print(f"\nresults: {args.out}")
-    if args.plot and "serving" in result["sections"]:
+    if args.plot and "concurrency" in result["sections"]:
         plot(result, args.plot)
     return 0
 

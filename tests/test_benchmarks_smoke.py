@@ -29,9 +29,28 @@ def test_benchmarks_smoke(tmp_path):
     memory = sections["memory"]
     assert memory["gptq"]["llm_decoder_bytes"] < memory["pytorch"]["llm_decoder_bytes"]
     serving = sections["serving"]
-    assert [r["concurrency"] for r in serving["concurrency"]] == [1, 2]
-    assert all(r["all_equal_sequential"] for r in serving["concurrency"])
     assert serving["served"]["prompt_tokens"] == serving["direct"]["prompt_tokens"]
+    concurrency = sections["concurrency"]
+    for name in ("chat", "vision"):
+        work = concurrency["workloads"][name]
+        assert [r["concurrency"] for r in work["rows"]] == [1, 2]
+        for row in work["rows"]:
+            assert row["prompt_tokens"] == work["prompt_tokens"]
+            assert row["completion_tokens"] == row["concurrency"] * work["max_tokens"]
+            assert row["direct_tok_s"] > 0 and {"served_over_direct", "ttft_p95_s", "itl_p95_s"} <= set(row)
+        assert {"served_over_direct_met", "scaling_met"} <= set(concurrency["verdict"][name])
+    assert len(concurrency["ttft_under_load"]["loaded_ttft_s"]) == 2
+    multiturn = sections["multiturn"]
+    assert [r["turn"] for r in multiturn["rows"]] == [1, 2]
+    for row in multiturn["rows"]:
+        assert {"cold_ttft_s", "warm_ttft_s", "warm_over_cold", "answers_equal"} <= set(row)
+        assert row["answers_equal"] and row["prompt_tokens_equal"]
+    assert {"later_turns_max_ratio", "target_met", "answers_equal"} <= set(multiturn["verdict"])
+    assert "warm_over_cold" in multiturn["table"]
+    grammar = sections["grammar"]
+    assert [r["case"] for r in grammar["rows"]] == ["test_schema", "receipt", "json_object"]
+    assert all(r["per_token_ms"] > 0 and r["answers_failed"] == 0 for r in grammar["rows"])
+    assert "target_met" in grammar["verdict"]
 
 
 def test_decode_rate_leaves_out_runs_streamed_in_one_chunk(monkeypatch):
@@ -41,3 +60,14 @@ def test_decode_rate_leaves_out_runs_streamed_in_one_chunk(monkeypatch):
 
     assert decode_rate([(4, 1.0, 1.0)]) is None
     assert decode_rate([(4, 1.0, 1.0), (5, 2.0, 3.0), (3, 1.0, 2.0), (9, 0.0, 1.0)]) == 4.0
+
+
+def test_inter_token_gaps_spread_a_chunk_over_the_tokens_it_carried(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT))
+    from benchmarks.concurrency import chunk_tokens, token_gaps
+
+    # 6 tokens in 4 chunks: the extra tokens went with the long gap (held-back bytes, a slow pull).
+    assert chunk_tokens([0.0, 0.1, 0.2, 0.6], 6) == [1, 1, 1, 3]
+    assert token_gaps([0.0, 0.1, 0.2, 0.6], 6) == pytest.approx([0.1, 0.1, 0.4 / 3, 0.4 / 3, 0.4 / 3])
+    assert chunk_tokens([0.0, 0.1, 0.2, 0.6], 4) == [1, 1, 1, 1]
+    assert chunk_tokens([2.0], 4) == [4] and token_gaps([2.0], 4) == []

@@ -290,7 +290,7 @@ class Ovis2NativeChatModel(PytorchChatModel):
         return stream_text(tokens, self._tokenizer, prepared.plan, self._eos_ids), options
 
     def _grammars(self) -> Grammars:
-        """The grammar compiler, made on the first request that needs one (xgrammar loads then)."""
+        """The grammar compiler, made on the first request that needs one (llguidance loads then)."""
         with self._grammar_lock:
             if self._grammar_compiler is None:
                 vocab_size = self._model.get_output_embeddings().weight.shape[0]

@@ -1,0 +1,404 @@
+"""Continuous batching: concurrent streams through a real ``xinference-local`` against the same
+model's batched forward called directly, both measured in one run, interleaved level by level.
+
+Workloads (greedy, ``ignore_eos``, so every request generates exactly ``max_tokens``):
+
+* ``chat``: a text prompt of 103 tokens (chat template included), 128 new tokens;
+* ``vision``: one 640x480 image (random pixels, a PNG data URL) at ``max_partition`` 1, 64 new tokens.
+
+Every request sent is new to the server (its own number in the text, its own image), so the
+scheduler's reuse cache can give it nothing but the chat template's opening tokens.
+
+Served, at each level N, N streaming requests start together (one thread each, the ``openai``
+client). Per level:
+
+* ``served_tok_s`` (aggregate decode rate): the completion tokens after each request's first,
+  summed, over the wall time from the earliest first token to the latest last token. Prefills of
+  requests admitted later fall inside that window, as they do in a real server.
+* ``steady_tok_s``: tokens that arrived while every request of the level was decoding (from the
+  last first token to the first last token) over that window; None when the window is empty.
+* TTFT: from sending a request to its first chunk with text.
+* inter-token latency: the gap between a stream's chunks divided by the tokens the chunk carried.
+  A chunk carries one token unless several were generated since the consumer last pulled, or a
+  token had no complete text yet (a byte of a UTF-8 character, a special token). The stream does
+  not say which chunk carried the extra ones: a request's extra tokens (completion tokens from
+  ``usage`` minus its chunks with text) are given one at a time to the chunk whose per-token gap
+  is then the longest, which never overstates the p95.
+
+Direct, the baseline: plain transformers on the same checkpoint in this process (no Xinference,
+no scheduler). The level's prompt is prefilled once into a ``DynamicCache``, the cache repeated
+to N rows, then ``max_tokens - 1`` decode steps at batch N are timed after one untimed step:
+``model(input_ids=[N, 1], attention_mask, position_ids, past_key_values, logits_to_keep=1)`` and a
+batched argmax. ``direct_tok_s`` = N x steps / their time. Every row attends over the same
+lengths as a served row does.
+
+``served_cpu_share`` / ``direct_cpu_share``: CPU seconds the server's process tree / this process
+used over the wall time of the measurement (2.0 = both cores of a 2-core machine): how much of the
+machine each measurement got while other work ran beside it.
+
+TTFT under load: the TTFT of one request (the chat prompt, 1 new token, timed to its first chunk
+with text or a finish reason) arriving while 8 chat requests are decoding, against the same
+request alone; several probes each, p95.
+"""
+
+from __future__ import annotations
+
+import copy
+import heapq
+import itertools
+import os
+import random
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from ovis2_xinf.checkpoint import tokens_per_crop
+from ovis2_xinf.loader import load_model
+from ovis2_xinf.local_server import local_server
+from ovis2_xinf.media import MediaLimits
+from ovis2_xinf.messages import build_conversation
+from ovis2_xinf.preprocessing import Ovis2ImagePreprocessor
+from ovis2_xinf.prompt import encode
+
+from .serving import image_url
+
+STORY = ("Write a short story about a lighthouse keeper who finds a message in a bottle one stormy night, "
+         "and what the message says.")
+TARGETS = {"served_over_direct": 0.85, "scaling_8_over_1": 3.0, "ttft_under_load_ratio": 1.5}
+
+
+def chat_messages(seed: int) -> List[Dict[str, Any]]:
+    return [{"role": "user", "content": f"Story #{seed:04d}. {STORY}"}]  # 103 prompt tokens, whatever the seed
+
+
+def vision_messages(seed: int) -> List[Dict[str, Any]]:
+    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_url(seed)}},
+                                         {"type": "text", "text": f"Describe picture #{seed:04d}."}]}]
+
+
+@dataclass
+class Workload:
+    name: str
+    messages: Callable[[int], List[Dict[str, Any]]]
+    max_tokens: int
+    max_partition: Optional[int] = None
+
+    @property
+    def extra_body(self) -> Dict[str, Any]:
+        body: Dict[str, Any] = {"ignore_eos": True}
+        if self.max_partition is not None:
+            body["mm_processor_kwargs"] = {"max_partition": self.max_partition}
+        return body
+
+
+def workloads(smoke: bool) -> List[Workload]:
+    return [Workload("chat", chat_messages, 8 if smoke else 128),
+            Workload("vision", vision_messages, 4 if smoke else 64, max_partition=1)]
+
+
+# --- stream arithmetic ----------------------------------------------------------------------
+
+
+def chunk_tokens(arrivals: Sequence[float], tokens: int) -> List[int]:
+    """Tokens each chunk carried, given a stream's chunk times and its completion tokens.
+
+    One per chunk; the rest go one at a time to the chunk (not the first: its gap is the TTFT)
+    whose gap per token is then the longest.
+    """
+    counts = [1] * len(arrivals)
+    extra = tokens - len(arrivals)
+    if extra <= 0 or not arrivals:
+        return counts
+    if len(arrivals) == 1:
+        counts[0] += extra
+        return counts
+    heap = [(-(arrivals[i] - arrivals[i - 1]), i) for i in range(1, len(arrivals))]
+    heapq.heapify(heap)
+    for _ in range(extra):
+        _, i = heapq.heappop(heap)
+        counts[i] += 1
+        heapq.heappush(heap, (-(arrivals[i] - arrivals[i - 1]) / counts[i], i))
+    return counts
+
+
+def token_gaps(arrivals: Sequence[float], tokens: int) -> List[float]:
+    """Inter-token latencies of one stream: each chunk's gap divided over the tokens it carried."""
+    counts = chunk_tokens(arrivals, tokens)
+    gaps: List[float] = []
+    for i in range(1, len(arrivals)):
+        gaps += [(arrivals[i] - arrivals[i - 1]) / counts[i]] * counts[i]
+    return gaps
+
+
+def _pct(values: Sequence[float], q: float) -> Optional[float]:
+    return float(np.percentile(values, q)) if len(values) else None
+
+
+def summarize(streams: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """The level's figures from its streams (each: start, arrivals, tokens)."""
+    firsts = [s["arrivals"][0] for s in streams]
+    lasts = [s["arrivals"][-1] for s in streams]
+    after_first = sum(s["tokens"] - 1 for s in streams)
+    span = max(lasts) - min(firsts)
+    window = (max(firsts), min(lasts))
+    in_window = 0
+    for s in streams:
+        for at, count in zip(s["arrivals"], chunk_tokens(s["arrivals"], s["tokens"])):
+            if window[0] < at <= window[1]:
+                in_window += count
+    gaps = [g for s in streams for g in token_gaps(s["arrivals"], s["tokens"])]
+    ttfts = [s["arrivals"][0] - s["start"] for s in streams]
+    return {
+        "served_tok_s": after_first / span if span > 0 else None,
+        "steady_tok_s": in_window / (window[1] - window[0]) if window[1] > window[0] and in_window else None,
+        "ttft_p50_s": _pct(ttfts, 50), "ttft_p95_s": _pct(ttfts, 95),
+        "itl_p50_s": _pct(gaps, 50), "itl_p95_s": _pct(gaps, 95),
+        "wall_s": max(lasts) - min(s["start"] for s in streams),
+        "completion_tokens": sum(s["tokens"] for s in streams),
+        "chunks": sum(len(s["arrivals"]) for s in streams),
+    }
+
+
+# --- served -----------------------------------------------------------------------------------
+
+
+def _stream(client, uid: str, msgs, max_tokens: int, extra_body: Dict[str, Any],
+            started: Optional[threading.Event] = None) -> Dict[str, Any]:
+    start = time.perf_counter()
+    arrivals: List[float] = []  # chunks with text
+    answered = None  # the first chunk with text or a finish reason
+    text, usage = "", None
+    stream = client.chat.completions.create(
+        model=uid, messages=msgs, max_tokens=max_tokens, temperature=0, stream=True,
+        stream_options={"include_usage": True}, extra_body=extra_body)
+    for chunk in stream:
+        if chunk.choices and (chunk.choices[0].delta.content or chunk.choices[0].finish_reason):
+            now = time.perf_counter()
+            answered = answered or now
+            if chunk.choices[0].delta.content:
+                arrivals.append(now)
+                text += chunk.choices[0].delta.content
+                if started is not None:
+                    started.set()
+        usage = chunk.usage or usage
+    if answered is None or usage is None or (max_tokens > 1 and not arrivals):
+        raise RuntimeError(f"a stream brought no text, no finish or no usage ({len(arrivals)} chunks with text)")
+    return {"start": start, "arrivals": arrivals, "answered": answered, "tokens": usage.completion_tokens,
+            "prompt_tokens": usage.prompt_tokens, "text": text}
+
+
+def _together(client, uid: str, work: Workload, seeds: Sequence[int]) -> List[Dict[str, Any]]:
+    barrier = threading.Barrier(len(seeds))
+
+    def one(seed: int) -> Dict[str, Any]:
+        barrier.wait()
+        return _stream(client, uid, work.messages(seed), work.max_tokens, work.extra_body)
+
+    with ThreadPoolExecutor(len(seeds)) as pool:
+        return list(pool.map(one, seeds))
+
+
+class CpuMeter:
+    """CPU seconds a process tree used over wall seconds (2.0 = both cores of a 2-core machine):
+    how much of the machine a measurement got while others ran beside it."""
+
+    def __init__(self, pid: Optional[int] = None):
+        try:
+            import psutil
+        except ImportError:
+            psutil = None
+        self._root = psutil.Process(pid) if psutil is not None and pid is not None else None
+        self._psutil = psutil
+
+    def _cpu(self) -> float:
+        if self._root is None:
+            return time.process_time()
+        total = 0.0
+        for proc in [self._root, *self._root.children(recursive=True)]:
+            try:
+                times = proc.cpu_times()
+                total += times.user + times.system
+            except self._psutil.Error:
+                pass
+        return total
+
+    def __enter__(self):
+        self.start_cpu, self.start_wall = self._cpu(), time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.share = (self._cpu() - self.start_cpu) / (time.perf_counter() - self.start_wall)
+        return False
+
+
+def ttft_under_load(client, uid: str, work: Workload, background: int, probes: int,
+                    seeds: Iterator[int]) -> Dict[str, Any]:
+    """TTFT of one request (``work``'s prompt, 1 new token) alone, then while ``background``
+    requests of ``work`` decode; p95 of each. Every prompt is new to the server."""
+    rng = random.Random(0)
+
+    def ttft() -> float:  # its one token may have no text (a special token): then the finish chunk
+        s = _stream(client, uid, work.messages(next(seeds)), 1, work.extra_body)
+        return s["answered"] - s["start"]
+
+    solo = []
+    for _ in range(probes):
+        solo.append(ttft())
+        time.sleep(rng.uniform(0.05, 0.3))
+    events = [threading.Event() for _ in range(background)]
+    with ThreadPoolExecutor(background) as pool:
+        futures = [pool.submit(_stream, client, uid, work.messages(next(seeds)), work.max_tokens, work.extra_body,
+                               events[i]) for i in range(background)]
+        for event, future in zip(events, futures):
+            while not event.wait(0.5):
+                if future.done():
+                    future.result()
+                    break
+        loaded, loaded_ends = [], []
+        for _ in range(probes):
+            time.sleep(rng.uniform(0.05, 0.3))  # arrive at different points of a decode step
+            loaded.append(ttft())
+            loaded_ends.append(time.perf_counter())
+        streams = [f.result() for f in futures]
+    decoding = min(s["arrivals"][-1] for s in streams) >= loaded_ends[-1]
+    solo_p95, loaded_p95 = _pct(solo, 95), _pct(loaded, 95)
+    return {"workload": work.name, "background": background, "probes": probes,
+            "solo_ttft_s": solo, "loaded_ttft_s": loaded, "solo_p95_s": solo_p95, "loaded_p95_s": loaded_p95,
+            "ratio": loaded_p95 / solo_p95, "background_decoding_throughout": decoding}
+
+
+# --- direct -----------------------------------------------------------------------------------
+
+
+class Direct:
+    """The same checkpoint, loaded here: batched decode steps with plain transformers."""
+
+    def __init__(self, path: Path):
+        self.loaded = load_model(path, torch.float32, "cpu")
+        self.pre = Ovis2ImagePreprocessor(self.loaded.checkpoint.preprocessor)
+        self._prefilled: Dict[str, Any] = {}
+
+    def inputs(self, work: Workload) -> Dict[str, Any]:
+        conversation = build_conversation(work.messages(0), MediaLimits(), work.max_partition)
+        images = self.pre.batch(conversation.images, conversation.max_partition)
+        encoded = encode(self.loaded.tokenizer, conversation.turns, images, self.loaded.placeholders,
+                         tokens_per_crop(self.loaded.model.config))
+        inputs = {"input_ids": encoded.input_ids, "attention_mask": torch.ones_like(encoded.input_ids)}
+        if encoded.pixel_values is not None:
+            inputs["pixel_values"] = encoded.pixel_values.to(self.loaded.dtype)
+        return inputs
+
+    def _prefill(self, work: Workload):
+        from transformers import DynamicCache
+
+        if work.name not in self._prefilled:
+            inputs = self.inputs(work)
+            with torch.inference_mode():
+                out = self.loaded.model(**inputs, past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1)
+            self._prefilled[work.name] = (out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True),
+                                          int(inputs["input_ids"].shape[1]))
+        return self._prefilled[work.name]
+
+    def decode(self, work: Workload, batch: int) -> Dict[str, Any]:
+        base, first, length = self._prefill(work)
+        model = self.loaded.model
+        steps = max(1, work.max_tokens - 1)
+        with torch.inference_mode():
+            cache = copy.deepcopy(base)
+            for layer in cache.layers:
+                layer.keys = layer.keys.repeat(batch, 1, 1, 1)
+                layer.values = layer.values.repeat(batch, 1, 1, 1)
+            ids = first.repeat(batch, 1)
+
+            def step():
+                nonlocal ids, length
+                mask = torch.ones(batch, length + 1, dtype=torch.long)
+                positions = torch.full((batch, 1), length, dtype=torch.long)
+                out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                            use_cache=True, logits_to_keep=1)
+                ids = out.logits[:, -1].argmax(-1, keepdim=True)
+                ids.tolist()  # the host has the tokens, as a server's sampling needs them
+                length += 1
+
+            step()  # untimed
+            with CpuMeter() as cpu:
+                start = time.perf_counter()
+                for _ in range(steps):
+                    step()
+                elapsed = time.perf_counter() - start
+        return {"direct_tok_s": batch * steps / elapsed, "direct_step_s": elapsed / steps, "direct_steps": steps,
+                "direct_cpu_share": cpu.share}
+
+
+# --- the section ------------------------------------------------------------------------------
+
+
+def run(path: Path, smoke: bool) -> Dict[str, Any]:
+    from openai import OpenAI
+
+    levels = (1, 2) if smoke else (1, 2, 4, 8, 16)
+    background, probes = (2, 2) if smoke else (8, 8)
+    works = workloads(smoke)
+    direct = Direct(path)
+    result: Dict[str, Any] = {"levels": list(levels), "max_num_seqs": 16, "targets": TARGETS,
+                              "workloads": {w.name: {"max_tokens": w.max_tokens, "max_partition": w.max_partition,
+                                                     "prompt_tokens": int(direct.inputs(w)["input_ids"].shape[1]),
+                                                     "rows": []} for w in works}}
+    with local_server() as server:
+        started = time.perf_counter()
+        uid = server.launch("--model-engine", "transformers", "--model-name", "Ovis2", "--size-in-billions", "1",
+                            "--model-format", "pytorch", "--model-path", str(path), "--torch_dtype", "float32",
+                            "--max_num_seqs", "16")
+        result["launch_to_ready_s"] = time.perf_counter() - started
+        client = OpenAI(base_url=f"{server.endpoint}/v1", api_key="none", max_retries=0, timeout=3600)
+        # Every request the server gets is new to it (its own seed: its own text, its own image),
+        # so nothing of one comes from another's reuse cache but the chat template's opening.
+        seeds = itertools.count(1)
+        for work in works:  # warm-up, both paths
+            _stream(client, uid, work.messages(next(seeds)), 2, work.extra_body)
+        for work in works:
+            for level in levels:
+                print(f"  {work.name}: {level} concurrent", flush=True)
+                with CpuMeter(server.process.pid) as cpu:
+                    streams = _together(client, uid, work, [next(seeds) for _ in range(level)])
+                row = {"concurrency": level, **summarize(streams), "served_cpu_share": cpu.share,
+                       **direct.decode(work, level)}
+                row["served_over_direct"] = (row["served_tok_s"] / row["direct_tok_s"]
+                                             if row["served_tok_s"] else None)
+                row["steady_over_direct"] = (row["steady_tok_s"] / row["direct_tok_s"]
+                                             if row["steady_tok_s"] else None)
+                row["prompt_tokens"] = max(s["prompt_tokens"] for s in streams)
+                row["loadavg_1m"] = os.getloadavg()[0]
+                result["workloads"][work.name]["rows"].append(row)
+        result["ttft_under_load"] = ttft_under_load(client, uid, works[0], background, probes, seeds)
+    result["verdict"] = verdict(result)
+    return result
+
+
+def verdict(result: Dict[str, Any]) -> Dict[str, Any]:
+    """Each target, per workload: the figure and whether it is met."""
+    out: Dict[str, Any] = {}
+    for name, work in result["workloads"].items():
+        rows = {r["concurrency"]: r for r in work["rows"]}
+        ratios = [r["served_over_direct"] for r in rows.values()]
+        worst = min((x for x in ratios if x is not None), default=None)
+        scaling = None
+        if 8 in rows and 1 in rows and rows[8]["served_tok_s"] and rows[1]["served_tok_s"]:
+            scaling = rows[8]["served_tok_s"] / rows[1]["served_tok_s"]
+        out[name] = {
+            "served_over_direct_min": worst,
+            "served_over_direct_met": worst is not None and None not in ratios
+                                      and worst >= TARGETS["served_over_direct"],
+            "scaling_8_over_1": scaling,
+            "scaling_met": scaling is not None and scaling >= TARGETS["scaling_8_over_1"],
+        }
+    load = result.get("ttft_under_load")
+    if load:
+        out["ttft_under_load"] = {"ratio": load["ratio"], "met": load["ratio"] <= TARGETS["ttft_under_load_ratio"]}
+    return out
