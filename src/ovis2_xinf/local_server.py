@@ -149,6 +149,12 @@ def local_server(
         # A throwaway server on loopback: no accounts to set up, unless auth is asked for.
         XINFERENCE_AUTH_ADVANCED="1" if auth else "0",
         PYTHONUNBUFFERED="1",
+        # Hub caches under this server's home too: an inherited HF_HOME (GPTQModel's tokenicer
+        # sets one at import, /tmp/tokenicer_hf_home) would share downloads across servers and runs.
+        HF_HOME=str(home / "hf-home"),
+        HUGGINGFACE_HUB_CACHE=str(home / "huggingface"),
+        HF_HUB_CACHE=str(home / "huggingface"),
+        MODELSCOPE_CACHE=str(home / "modelscope"),
     )
     env.update(extra_env or {})
     log_path = home / "server.log"
