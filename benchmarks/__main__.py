@@ -37,6 +37,10 @@ def _table(rows: List[Dict[str, Any]], columns: List[str]) -> str:
     return "\n".join(lines)
 
 
+def _num(value) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
 def _checkpoints(model: str, workdir: Path, gptq: bool = True) -> Dict[str, Path]:
     if model == "tiny":
         return {"pytorch": TINY, "gptq": TINY_GPTQ}
@@ -122,9 +126,10 @@ def run_concurrency(args, paths) -> Dict[str, Any]:
     result = concurrency.run(paths["pytorch"], args.smoke)
     for name, work in result["workloads"].items():
         print(f"{name}: {work['prompt_tokens']} prompt tokens, {work['max_tokens']} new tokens each")
-        print(_table(work["rows"], ["concurrency", "served_tok_s", "direct_tok_s", "served_over_direct", "steady_tok_s",
-                                    "steady_over_direct", "ttft_p50_s", "ttft_p95_s", "itl_p95_s", "wall_s",
-                                    "served_cpu_share", "direct_cpu_share"]))
+        print(_table(work["rows"], ["concurrency", "served_e2e_tok_s", "direct_e2e_tok_s", "e2e_over_direct",
+                                    "served_tok_s", "steady_tok_s", "direct_tok_s", "steady_over_direct",
+                                    "ttft_p50_s", "ttft_p95_s", "itl_p95_s", "wall_s", "served_cpu_share",
+                                    "direct_cpu_share", "foreign_cpu", "tries"]))
     load = result["ttft_under_load"]
     print(f"TTFT p95 of one {load['workload']} request: alone {load['solo_p95_s']:.3f}s, while {load['background']} "
           f"decode {load['loaded_p95_s']:.3f}s ({load['ratio']:.2f}x; background decoding throughout: "
@@ -133,10 +138,15 @@ def run_concurrency(args, paths) -> Dict[str, Any]:
     rows = []
     for name in result["workloads"]:
         v = result["verdict"][name]
-        rows.append({"target": f"{name}: served/direct, every N", "want": f">= {targets['served_over_direct']}",
-                     "measured": v["served_over_direct_min"], "met": v["served_over_direct_met"]})
-        rows.append({"target": f"{name}: served N=8 / N=1", "want": f">= {targets['scaling_8_over_1']}",
-                     "measured": v["scaling_8_over_1"], "met": v["scaling_met"]})
+        rows.append({"target": f"{name}: served/direct whole workload, every N",
+                     "want": f">= {targets['served_over_direct']}", "measured": v["e2e_over_direct_min"],
+                     "met": v["e2e_over_direct_met"]})
+        rows.append({"target": f"{name}: served/direct decode, N in {v['decode_levels']}",
+                     "want": f">= {targets['served_over_direct']}", "measured": v["decode_over_direct_min"],
+                     "met": v["decode_over_direct_met"]})
+        rows.append({"target": f"{name}: served N=8 / N=1 (direct: {_num(v['direct_scaling_8_over_1'])})",
+                     "want": f">= {targets['scaling_8_over_1']}", "measured": v["scaling_8_over_1"],
+                     "met": v["scaling_met"]})
     rows.append({"target": f"TTFT p95 while {load['background']} decode / alone", "want": f"<= {targets['ttft_under_load_ratio']}",
                  "measured": result["verdict"]["ttft_under_load"]["ratio"],
                  "met": result["verdict"]["ttft_under_load"]["met"]})
@@ -190,12 +200,12 @@ def plot(result: Dict[str, Any], path: Path) -> bool:
     for (name, work), color in zip(section["workloads"].items(), ("tab:blue", "tab:orange")):
         rows = work["rows"]
         levels = [r["concurrency"] for r in rows]
-        ax.plot(levels, [r["served_tok_s"] or 0 for r in rows], marker="o", color=color,
+        ax.plot(levels, [r["served_e2e_tok_s"] for r in rows], marker="o", color=color,
                 label=f"{name}: served ({work['max_tokens']} tokens)")
-        ax.plot(levels, [r["direct_tok_s"] for r in rows], linestyle="--", marker=".", color=color,
-                label=f"{name}: direct batched forward")
+        ax.plot(levels, [r["direct_e2e_tok_s"] for r in rows], linestyle="--", marker=".", color=color,
+                label=f"{name}: direct (prefills + batched decode)")
     ax.set_xlabel("concurrent streaming requests")
-    ax.set_ylabel("aggregate decode tokens/s")
+    ax.set_ylabel("aggregate tokens/s, prefills included")
     ax.set_title(f"Ovis2 ({result['model']}, float32) on {result['machine']['device']}, "
                  f"{result['machine']['cpus']} cores", fontsize=9)
     ax.set_xscale("log", base=2)

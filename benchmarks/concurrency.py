@@ -15,6 +15,8 @@ client). Per level:
 * ``served_tok_s`` (aggregate decode rate): the completion tokens after each request's first,
   summed, over the wall time from the earliest first token to the latest last token. Prefills of
   requests admitted later fall inside that window, as they do in a real server.
+* ``served_e2e_tok_s`` (the whole workload's rate): all completion tokens over the wall time from
+  the first request sent to the last token, prefills included.
 * ``steady_tok_s``: tokens that arrived while every request of the level was decoding (from the
   last first token to the first last token) over that window; None when the window is empty.
 * TTFT: from sending a request to its first chunk with text.
@@ -30,11 +32,15 @@ no scheduler). The level's prompt is prefilled once into a ``DynamicCache``, the
 to N rows, then ``max_tokens - 1`` decode steps at batch N are timed after one untimed step:
 ``model(input_ids=[N, 1], attention_mask, position_ids, past_key_values, logits_to_keep=1)`` and a
 batched argmax. ``direct_tok_s`` = N x steps / their time. Every row attends over the same
-lengths as a served row does.
+lengths as a served row does. ``direct_e2e_tok_s``, the whole workload's limit: N x ``max_tokens``
+over N prefills of the prompt (its solo prefill time, best of two) plus the timed steps.
 
 ``served_cpu_share`` / ``direct_cpu_share``: CPU seconds the server's process tree / this process
-used over the wall time of the measurement (2.0 = both cores of a 2-core machine): how much of the
-machine each measurement got while other work ran beside it.
+used over the wall time of the measurement (2.0 = both cores of a 2-core machine).
+``foreign_cpu``: the most cores other work on the machine took during either measurement of the
+level. Each level waits (up to 90 s) for the machine to be quiet, and above
+``FOREIGN_CPU_LIMIT`` it is measured again (up to ``ATTEMPTS`` times); the cleanest try is kept
+(needs psutil).
 
 TTFT under load: the TTFT of one request (the chat prompt, 1 new token, timed to its first chunk
 with text or a finish reason) arriving while 8 chat requests are decoding, against the same
@@ -46,7 +52,6 @@ from __future__ import annotations
 import copy
 import heapq
 import itertools
-import os
 import random
 import threading
 import time
@@ -205,22 +210,26 @@ def _together(client, uid: str, work: Workload, seeds: Sequence[int]) -> List[Di
 
 
 class CpuMeter:
-    """CPU seconds a process tree used over wall seconds (2.0 = both cores of a 2-core machine):
-    how much of the machine a measurement got while others ran beside it."""
+    """Where the machine's CPU went during a measurement, in cores (CPU seconds over wall seconds).
 
-    def __init__(self, pid: Optional[int] = None):
+    ``own``: this process; ``server``: the server's process tree; ``foreign``: everything else
+    busy on the machine (other processes, and time the hypervisor stole). A measurement with
+    foreign work beside it is slower for reasons that are not ours: see :func:`run`.
+    Without psutil only ``own`` is known.
+    """
+
+    def __init__(self, server_pid: Optional[int] = None):
         try:
             import psutil
         except ImportError:
             psutil = None
-        self._root = psutil.Process(pid) if psutil is not None and pid is not None else None
         self._psutil = psutil
+        self._server = psutil.Process(server_pid) if psutil is not None and server_pid is not None else None
+        self.own = self.server = self.foreign = None
 
-    def _cpu(self) -> float:
-        if self._root is None:
-            return time.process_time()
+    def _tree(self, root) -> float:
         total = 0.0
-        for proc in [self._root, *self._root.children(recursive=True)]:
+        for proc in [root, *root.children(recursive=True)]:
             try:
                 times = proc.cpu_times()
                 total += times.user + times.system
@@ -228,12 +237,25 @@ class CpuMeter:
                 pass
         return total
 
+    def _read(self):
+        own = time.process_time()
+        if self._psutil is None:
+            return own, None, None
+        t = self._psutil.cpu_times()
+        busy = sum(getattr(t, k, 0.0) for k in ("user", "nice", "system", "irq", "softirq", "steal"))
+        return own, self._tree(self._server) if self._server is not None else 0.0, busy
+
     def __enter__(self):
-        self.start_cpu, self.start_wall = self._cpu(), time.perf_counter()
+        self._start, self._wall = self._read(), time.perf_counter()
         return self
 
     def __exit__(self, *exc):
-        self.share = (self._cpu() - self.start_cpu) / (time.perf_counter() - self.start_wall)
+        wall = time.perf_counter() - self._wall
+        (own0, server0, busy0), (own1, server1, busy1) = self._start, self._read()
+        self.own = (own1 - own0) / wall
+        if busy0 is not None:
+            self.server = (server1 - server0) / wall
+            self.foreign = max(0.0, (busy1 - busy0) - (own1 - own0) - (server1 - server0)) / wall
         return False
 
 
@@ -295,18 +317,30 @@ class Direct:
         return inputs
 
     def _prefill(self, work: Workload):
+        """The prompt's cache, first token and length, and its prefill time (best of two)."""
         from transformers import DynamicCache
 
         if work.name not in self._prefilled:
             inputs = self.inputs(work)
-            with torch.inference_mode():
-                out = self.loaded.model(**inputs, past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1)
-            self._prefilled[work.name] = (out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True),
-                                          int(inputs["input_ids"].shape[1]))
+            times = []
+            for _ in range(2):
+                with torch.inference_mode():
+                    start = time.perf_counter()
+                    out = self.loaded.model(**inputs, past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1)
+                    first = out.logits[:, -1].argmax(-1, keepdim=True)
+                    first.tolist()
+                    times.append(time.perf_counter() - start)
+            self._prefilled[work.name] = (out.past_key_values, first, int(inputs["input_ids"].shape[1]), min(times))
         return self._prefilled[work.name]
 
+    def prefill_s(self, work: Workload) -> float:
+        return self._prefilled[work.name][3] if work.name in self._prefilled else self._prefill(work)[3]
+
     def decode(self, work: Workload, batch: int) -> Dict[str, Any]:
-        base, first, length = self._prefill(work)
+        """Decode steps at ``batch``, and the whole workload's rate: ``batch`` prefills one after
+        another (batching them saves little on a CPU, where a prefill is compute-bound), then the
+        steps, ``max_tokens`` each."""
+        base, first, length, prefill_s = self._prefill(work)
         model = self.loaded.model
         steps = max(1, work.max_tokens - 1)
         with torch.inference_mode():
@@ -327,16 +361,50 @@ class Direct:
                 length += 1
 
             step()  # untimed
-            with CpuMeter() as cpu:
-                start = time.perf_counter()
-                for _ in range(steps):
-                    step()
-                elapsed = time.perf_counter() - start
+            start = time.perf_counter()
+            for _ in range(steps):
+                step()
+            elapsed = time.perf_counter() - start
+        whole = batch * prefill_s + elapsed
         return {"direct_tok_s": batch * steps / elapsed, "direct_step_s": elapsed / steps, "direct_steps": steps,
-                "direct_cpu_share": cpu.share}
+                "direct_prefill_s": prefill_s, "direct_e2e_tok_s": batch * (steps + 1) / whole}
 
 
 # --- the section ------------------------------------------------------------------------------
+
+
+ATTEMPTS = 2
+FOREIGN_CPU_LIMIT = 0.2  # cores busy with other work during a measurement before it is taken again
+
+
+def _wait_for_quiet(server_pid: int, limit_s: float = 90.0) -> None:
+    """Wait (at most ``limit_s``) until other work leaves the machine alone for a few seconds."""
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        with CpuMeter(server_pid) as cpu:
+            time.sleep(3.0)
+        if cpu.foreign is None or cpu.foreign <= FOREIGN_CPU_LIMIT:
+            return
+
+
+def _level(client, uid: str, server_pid: int, direct: "Direct", work: Workload, level: int,
+           seeds: Iterator[int]) -> Dict[str, Any]:
+    """One level: the served streams, then the direct steps right after."""
+    with CpuMeter(server_pid) as served_cpu:
+        streams = _together(client, uid, work, [next(seeds) for _ in range(level)])
+    with CpuMeter(server_pid) as direct_cpu:
+        steps = direct.decode(work, level)
+    row = {"concurrency": level, **summarize(streams), **steps}
+    row["served_over_direct"] = row["served_tok_s"] / row["direct_tok_s"] if row["served_tok_s"] else None
+    row["steady_over_direct"] = row["steady_tok_s"] / row["direct_tok_s"] if row["steady_tok_s"] else None
+    row["served_e2e_tok_s"] = row["completion_tokens"] / row["wall_s"]
+    row["e2e_over_direct"] = row["served_e2e_tok_s"] / row["direct_e2e_tok_s"]
+    row["prompt_tokens"] = max(s["prompt_tokens"] for s in streams)
+    row.update(served_cpu_share=served_cpu.server, direct_cpu_share=direct_cpu.own,
+               served_foreign_cpu=served_cpu.foreign, direct_foreign_cpu=direct_cpu.foreign)
+    foreign = [x for x in (served_cpu.foreign, direct_cpu.foreign) if x is not None]
+    row["foreign_cpu"] = max(foreign) if foreign else None
+    return row
 
 
 def run(path: Path, smoke: bool) -> Dict[str, Any]:
@@ -364,38 +432,54 @@ def run(path: Path, smoke: bool) -> Dict[str, Any]:
             _stream(client, uid, work.messages(next(seeds)), 2, work.extra_body)
         for work in works:
             for level in levels:
-                print(f"  {work.name}: {level} concurrent", flush=True)
-                with CpuMeter(server.process.pid) as cpu:
-                    streams = _together(client, uid, work, [next(seeds) for _ in range(level)])
-                row = {"concurrency": level, **summarize(streams), "served_cpu_share": cpu.share,
-                       **direct.decode(work, level)}
-                row["served_over_direct"] = (row["served_tok_s"] / row["direct_tok_s"]
-                                             if row["served_tok_s"] else None)
-                row["steady_over_direct"] = (row["steady_tok_s"] / row["direct_tok_s"]
-                                             if row["steady_tok_s"] else None)
-                row["prompt_tokens"] = max(s["prompt_tokens"] for s in streams)
-                row["loadavg_1m"] = os.getloadavg()[0]
+                tries = []
+                for attempt in range(1 if smoke else ATTEMPTS):
+                    print(f"  {work.name}: {level} concurrent" + (f" (again: try {attempt + 1})" if attempt else ""),
+                          flush=True)
+                    if not smoke:
+                        _wait_for_quiet(server.process.pid)
+                    tries.append(_level(client, uid, server.process.pid, direct, work, level, seeds))
+                    if not tries[-1]["foreign_cpu"] or tries[-1]["foreign_cpu"] <= FOREIGN_CPU_LIMIT:
+                        break
+                row = min(tries, key=lambda r: r["foreign_cpu"] or 0.0)
+                row["tries"] = len(tries)
                 result["workloads"][work.name]["rows"].append(row)
-        result["ttft_under_load"] = ttft_under_load(client, uid, works[0], background, probes, seeds)
+        if not smoke:
+            _wait_for_quiet(server.process.pid)
+        with CpuMeter(server.process.pid) as cpu:
+            result["ttft_under_load"] = ttft_under_load(client, uid, works[0], background, probes, seeds)
+        result["ttft_under_load"]["foreign_cpu"] = cpu.foreign
     result["verdict"] = verdict(result)
     return result
 
 
 def verdict(result: Dict[str, Any]) -> Dict[str, Any]:
-    """Each target, per workload: the figure and whether it is met."""
+    """Each target, per workload: the figure and whether it is met.
+
+    ``served / direct`` is judged on the whole workload (``e2e_over_direct``: prefills included on
+    both sides), the only comparison that is fair to a vision prompt whose prefill outweighs its
+    decode on a CPU; the decode-only ratio (``steady_over_direct``, levels where every request
+    decoded at once for a while) is judged too. The 8-over-1 scaling is the served whole-workload
+    rate's, shown next to the direct limit's own.
+    """
     out: Dict[str, Any] = {}
+    want = TARGETS["served_over_direct"]
     for name, work in result["workloads"].items():
         rows = {r["concurrency"]: r for r in work["rows"]}
-        ratios = [r["served_over_direct"] for r in rows.values()]
-        worst = min((x for x in ratios if x is not None), default=None)
-        scaling = None
-        if 8 in rows and 1 in rows and rows[8]["served_tok_s"] and rows[1]["served_tok_s"]:
-            scaling = rows[8]["served_tok_s"] / rows[1]["served_tok_s"]
+        e2e = [r["e2e_over_direct"] for r in rows.values()]
+        decode = [r["steady_over_direct"] for r in rows.values() if r["steady_over_direct"] is not None]
+        scaling = direct_scaling = None
+        if 8 in rows and 1 in rows:
+            scaling = rows[8]["served_e2e_tok_s"] / rows[1]["served_e2e_tok_s"]
+            direct_scaling = rows[8]["direct_e2e_tok_s"] / rows[1]["direct_e2e_tok_s"]
         out[name] = {
-            "served_over_direct_min": worst,
-            "served_over_direct_met": worst is not None and None not in ratios
-                                      and worst >= TARGETS["served_over_direct"],
+            "e2e_over_direct_min": min(e2e, default=None),
+            "e2e_over_direct_met": bool(e2e) and min(e2e) >= want,
+            "decode_over_direct_min": min(decode, default=None),
+            "decode_levels": sorted(n for n, r in rows.items() if r["steady_over_direct"] is not None),
+            "decode_over_direct_met": bool(decode) and min(decode) >= want,
             "scaling_8_over_1": scaling,
+            "direct_scaling_8_over_1": direct_scaling,
             "scaling_met": scaling is not None and scaling >= TARGETS["scaling_8_over_1"],
         }
     load = result.get("ttft_under_load")

@@ -178,6 +178,39 @@ def test_a_request_joining_a_running_batch_gets_its_solo_answer(tiny_model):
         sched.close()
 
 
+def test_a_request_arriving_mid_step_is_prefilled_before_that_step_ends(tiny_model):
+    # The first decode step of the long request is held at layer 0 until the newcomer has arrived;
+    # at layer 1 the step stops, the newcomer is prefilled, and the step runs again with both rows.
+    sched = scheduler(tiny_model)
+    in_step, go = threading.Event(), threading.Event()
+
+    def hold_one_decode_step(module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if hidden.shape[1] == 1 and not go.is_set():
+            in_step.set()
+            go.wait(30)
+
+    hook = tiny_model.model.get_decoder().layers[0].register_forward_pre_hook(hold_one_decode_step, with_kwargs=True)
+    try:
+        long_inputs = case_inputs(tiny_model, "single_large")
+        go.set()
+        solo = tokens(sched.submit(long_inputs, greedy(10**3, 40, ignore_eos=True)))
+        go.clear()
+        long_one = sched.submit(long_inputs, greedy(10**3, 40, ignore_eos=True))
+        first = next(long_one)
+        assert in_step.wait(30)
+        joiner = case_inputs(tiny_model, "multi_image")
+        joined = sched.submit(joiner, greedy(joiner["input_ids"].shape[1]))
+        go.set()
+        assert tokens(joined) == GOLDEN["cases"]["multi_image"]["greedy_ids"]
+        assert first + tokens(long_one) == solo  # the stopped step left no trace in its cache
+        assert sched.stats.preemptions == 1
+    finally:
+        go.set()
+        hook.remove()
+        sched.close()
+
+
 def test_closing_a_stream_ends_its_row_only(tiny_model):
     sched = scheduler(tiny_model)
     try:

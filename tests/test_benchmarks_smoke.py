@@ -37,8 +37,9 @@ def test_benchmarks_smoke(tmp_path):
         for row in work["rows"]:
             assert row["prompt_tokens"] == work["prompt_tokens"]
             assert row["completion_tokens"] == row["concurrency"] * work["max_tokens"]
-            assert row["direct_tok_s"] > 0 and {"served_over_direct", "ttft_p95_s", "itl_p95_s"} <= set(row)
-        assert {"served_over_direct_met", "scaling_met"} <= set(concurrency["verdict"][name])
+            assert row["direct_tok_s"] > 0 and row["direct_e2e_tok_s"] > 0 and row["served_e2e_tok_s"] > 0
+            assert {"served_over_direct", "e2e_over_direct", "ttft_p95_s", "itl_p95_s"} <= set(row)
+        assert {"e2e_over_direct_met", "decode_over_direct_met", "scaling_met"} <= set(concurrency["verdict"][name])
     assert len(concurrency["ttft_under_load"]["loaded_ttft_s"]) == 2
     multiturn = sections["multiturn"]
     assert [r["turn"] for r in multiturn["rows"]] == [1, 2]

@@ -1,10 +1,12 @@
 """The seed's launch commands, as typed, downloading from local stand-ins of both hubs.
 
-No ``--model-path``: each of the 12 (size, format, quantization) choices is launched with
+No ``--model-path``: each of the 12 (size, format, quantization) choices is launched once with
 ``xinference launch --model-engine transformers --model-name Ovis2 --size-in-billions N
 --model-format F --quantization Q``, Xinference's cache manager downloads the repo the
 catalogue names (``{quantization}`` resolved, default branch) from the stand-in, our class
-loads it and answers a chat. Hugging Face is chosen with ``XINFERENCE_MODEL_SRC``, ModelScope
+loads it and answers a chat. The choices alternate between the hubs, so each hub serves
+pytorch and GPTQ repos of several sizes (the ids of every choice on both hubs are checked in
+test_catalog without a server). Hugging Face is chosen with ``XINFERENCE_MODEL_SRC``, ModelScope
 with ``--download_hub`` (the cache folder does not name the hub, so each hub gets its own
 server). Then the failures: a hub that is unreachable or lacks the repo.
 """
@@ -53,7 +55,10 @@ def hubs():
         yield standins
 
 
-@pytest.fixture(scope="module", params=[HF, MS])
+LAUNCHES = [(HF if i % 2 == 0 else MS, *choice) for i, choice in enumerate(CHOICES)]
+
+
+@pytest.fixture(scope="module")
 def hub_server(request, hubs):
     hub = request.param
     # Hugging Face through the environment, ModelScope through the launch option.
@@ -68,7 +73,8 @@ def expected_text() -> str:
     return load_tokenizer(TINY).decode(case["greedy_ids"], skip_special_tokens=True)
 
 
-@pytest.mark.parametrize("size,model_format,quantization", CHOICES, ids=[f"{s}B-{f}-{q}" for s, f, q in CHOICES])
+@pytest.mark.parametrize("hub_server,size,model_format,quantization", LAUNCHES, indirect=["hub_server"],
+                         ids=[f"{h}-{s}B-{f}-{q}" for h, s, f, q in LAUNCHES])
 def test_seed_command_downloads_loads_and_chats(hub_server, hubs, expected_text, size, model_format, quantization):
     hub, server = hub_server
     repo = resolve(size, model_format, quantization, hub).model_id

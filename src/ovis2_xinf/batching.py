@@ -2,7 +2,10 @@
 
 One scheduler thread owns the model. A request is prefilled alone (with its images, keeping
 only the last position's logits), then its KV cache joins the running batch at the next step
-boundary; every step decodes one token for each row at once. A row leaves the batch as soon
+boundary; every step decodes one token for each row at once. A request that arrives during a
+step does not wait for it: the step stops at the next decoder layer, its cache columns are
+dropped, the newcomer is prefilled, and the step runs again with it (at most once per step, so
+the rows already decoding always progress). A row leaves the batch as soon
 as it finishes (eos, ``max_tokens``) or its consumer stops reading (a stop string found, a
 client gone), and its memory goes with it.
 
@@ -36,6 +39,12 @@ from .reuse import ImageRef, ReuseCache
 logger = logging.getLogger(__name__)
 
 _END = None
+
+
+class _Preempted(BaseException):
+    """Raised at a decoder layer of a decode step when a waiting request should be prefilled first.
+
+    A ``BaseException``, so no ``except Exception`` on the way out of the forward swallows it."""
 
 
 @dataclass
@@ -88,6 +97,21 @@ class _Row:
     def peak_tokens(self) -> int:
         return self.prompt_len + self.max_new
 
+    @property
+    def plain_greedy(self) -> bool:
+        """Whether the next token is just the argmax of the logits (one batched op for such rows)."""
+        plan = self.plan
+        return not (self.do_sample or self.grammar is not None or len(self.processors) or plan.frequency_penalty
+                    or plan.presence_penalty or self.options.top_logprobs is not None
+                    or (self.produced < self.min_new and self.eos))
+
+    def take(self, value: int) -> int:
+        """Record ``value`` as this row's next token."""
+        self.history = torch.cat([self.history, self.history.new_tensor([value])])
+        self.produced += 1
+        self.last_token = value
+        return value
+
     def choose(self, logits: torch.Tensor) -> int:
         """The next token from this row's last-position logits (a 1-D float tensor)."""
         raw = logits.float().unsqueeze(0)
@@ -110,10 +134,7 @@ class _Row:
             self.grammar.accept(value)
         if self.options.top_logprobs is not None:
             self._record(raw[0], value)
-        self.history = torch.cat([self.history, self.history.new_tensor([value])])
-        self.produced += 1
-        self.last_token = value
-        return value
+        return self.take(value)
 
     def _record(self, logits: torch.Tensor, token: int) -> None:
         logprobs = torch.log_softmax(logits, dim=-1)
@@ -185,6 +206,13 @@ class KVBatch:
             )
         self.pads = [p + total - old_len for p in self.pads] + [total - new_len]
 
+    def truncate(self, length: int) -> None:
+        """Drop the columns past ``length`` that an interrupted step wrote into some layers."""
+        for layer in self.cache.layers:
+            if layer.keys.shape[2] > length:
+                layer.keys = layer.keys[:, :, :length]
+                layer.values = layer.values[:, :, :length]
+
     def keep(self, rows: List[int]) -> None:
         """Keep only these rows (in this order) and drop the padding no row needs any more."""
         if not rows:
@@ -247,6 +275,7 @@ class SchedulerStats:
     prefills: int = 0
     max_batch: int = 0
     waits_for_budget: int = 0
+    preemptions: int = 0  # decode steps stopped part-way so that a newcomer is prefilled first
     sizes: Dict[int, int] = field(default_factory=dict)
 
 
@@ -270,6 +299,9 @@ class BatchScheduler:
         self._wake = threading.Condition()
         self._closed = False
         self._device = model.get_input_embeddings().weight.device
+        self._preemptible = False  # true while a decode step may be stopped for a newcomer
+        self._redo = False  # the step now due reruns one that was stopped: it runs to its end
+        self._hooks = [layer.register_forward_pre_hook(self._preempt_for_newcomer) for layer in _decoder_layers(model)]
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -321,6 +353,8 @@ class BatchScheduler:
             self._closed = True
             self._wake.notify_all()
         self._thread.join(timeout=60)
+        for hook in self._hooks:
+            hook.remove()
 
     @property
     def busy(self) -> bool:
@@ -335,6 +369,16 @@ class BatchScheduler:
         rows = len(self._active) + 1
         longest = max([r.peak_tokens for r in self._active] + [row.peak_tokens])
         return rows * longest * self.bytes_per_token <= self.kv_budget_bytes
+
+    def _preempt_for_newcomer(self, module: Any, args: Any) -> None:
+        """Stop the running decode step if the first waiting request would be admitted now.
+
+        Only the scheduler thread pops the waiting line, so its head is safe to read here."""
+        if not self._preemptible or not self._waiting or len(self._active) >= self.max_num_seqs:
+            return
+        head = self._waiting[0]
+        if not head.cancelled.is_set() and self._fits(head):
+            raise _Preempted
 
     def _admissions(self) -> List[_Row]:
         """Rows to prefill now, in arrival order; cancelled waiters leave the line."""
@@ -451,9 +495,16 @@ class BatchScheduler:
         ids = torch.tensor([[r.last_token] for r in rows], device=device)
         positions = torch.tensor([[r.position] for r in rows], device=device)
         mask = self._batch.attention_mask(device)
+        length = self._batch.length
+        self._preemptible, self._redo = not self._redo, False
         try:
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
                              past_key_values=self._batch.cache, use_cache=True, logits_to_keep=1)
+        except _Preempted:  # no row has changed yet: the step runs again after the newcomer's prefill
+            self._batch.truncate(length)
+            self.stats.preemptions += 1
+            self._redo = True
+            return
         except BaseException as exc:  # nothing tells which row caused it: all of them end
             logger.exception("decode step over %d rows failed", len(rows))
             for row in rows:
@@ -461,6 +512,8 @@ class BatchScheduler:
                 row.outbox.put(_END)
             self._active, self._batch = [], KVBatch()
             return
+        finally:
+            self._preemptible = False
         self._batch.cache = out.past_key_values
         self.stats.steps += 1
         self.stats.rows_decoded += len(rows)
@@ -469,13 +522,14 @@ class BatchScheduler:
             logger.info("%d rows decoding together (most so far)", len(rows))
         self.stats.sizes[len(rows)] = self.stats.sizes.get(len(rows), 0) + 1
         keep: List[int] = []
+        argmax = out.logits[:, -1].argmax(-1).tolist() if any(r.plain_greedy for r in rows) else None
         for index, row in enumerate(rows):
             row.position += 1
             if row.cancelled.is_set():
                 self._leave(row, index)
                 logger.info("generation stopped after %d tokens: its consumer stopped reading", row.produced)
                 continue
-            token = row.choose(out.logits[index, -1])
+            token = row.take(argmax[index]) if row.plain_greedy else row.choose(out.logits[index, -1])
             row.outbox.put(token)
             if row.finished(token):
                 self._leave(row, index)
@@ -484,11 +538,21 @@ class BatchScheduler:
         self._active = [rows[i] for i in keep]
         self._batch.keep(keep)
 
-
     def _leave(self, row: _Row, index: int) -> None:
         if self.reuse is not None:
             self._keep_for_reuse(row, self._batch.row_cache(index))
         row.outbox.put(_END)
+
+
+def _decoder_layers(model: Any) -> List[Any]:
+    """The language model's decoder layers, where a decode step can be stopped."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    layers = getattr(decoder, "layers", None)
+    if layers is None:
+        logger.warning("no decoder layers found on %s: a decode step runs to its end before a newcomer's prefill",
+                       type(model).__name__)
+        return []
+    return list(layers)
 
 
 def default_kv_budget(device: torch.device, fraction: float = 0.25) -> int:
