@@ -2,6 +2,7 @@
 
 Sections: ``preprocess``, ``detokenize``, ``memory``, ``serving`` (overhead, load time),
 ``concurrency`` (continuous batching: served streams against the batched forward),
+``scheduler`` (the batching scheduler in this process, no server, against the batched forward),
 ``multiturn`` (reuse across turns: a 4-turn chat about one image, cold against warm TTFT),
 ``grammar`` (structured output: llguidance compile time and mask cost per token against a decode step).
 ``--model tiny`` uses the bundled fixture (quick); ``--model 1b`` builds a random
@@ -23,7 +24,7 @@ from typing import Any, Dict, List
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "src" / "ovis2_xinf" / "assets" / "tiny-ovis2"
 TINY_GPTQ = ROOT / "tests" / "fixtures" / "tiny-ovis2-gptq-int4"
-SECTIONS = ("preprocess", "detokenize", "memory", "serving", "concurrency", "multiturn", "grammar")
+SECTIONS = ("preprocess", "detokenize", "memory", "serving", "concurrency", "scheduler", "multiturn", "grammar")
 
 
 def _table(rows: List[Dict[str, Any]], columns: List[str]) -> str:
@@ -154,6 +155,15 @@ def run_concurrency(args, paths) -> Dict[str, Any]:
     return result
 
 
+def run_scheduler(args, paths) -> Dict[str, Any]:
+    from . import concurrency
+
+    result = concurrency.scheduler_alone(paths["pytorch"], args.smoke)
+    print(f"chat: {result['prompt_tokens']} prompt tokens, {result['max_tokens']} new tokens each, no server")
+    print(_table(result["rows"], ["concurrency", "scheduler_tok_s", "direct_tok_s", "scheduler_over_direct"]))
+    return result
+
+
 def run_multiturn(args, paths) -> Dict[str, Any]:
     from . import multiturn
 
@@ -248,7 +258,7 @@ def main(argv=None) -> int:
     }
     args.workdir.mkdir(parents=True, exist_ok=True)
     paths = (_checkpoints(args.model, args.workdir, gptq="memory" in sections)
-             if {"memory", "serving", "concurrency", "multiturn"} & set(sections) else {})
+             if {"memory", "serving", "concurrency", "scheduler", "multiturn"} & set(sections) else {})
     for section in sections:
         print(f"\n== {section}", flush=True)
         if section == "preprocess":
@@ -263,6 +273,8 @@ def main(argv=None) -> int:
             result["sections"][section] = run_grammar(args)
         elif section == "concurrency":
             result["sections"][section] = run_concurrency(args, paths)
+        elif section == "scheduler":
+            result["sections"][section] = run_scheduler(args, paths)
         else:
             result["sections"][section] = run_serving(args, paths, args.workdir)
     args.out.parent.mkdir(parents=True, exist_ok=True)

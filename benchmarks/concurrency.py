@@ -486,3 +486,42 @@ def verdict(result: Dict[str, Any]) -> Dict[str, Any]:
     if load:
         out["ttft_under_load"] = {"ratio": load["ratio"], "met": load["ratio"] <= TARGETS["ttft_under_load_ratio"]}
     return out
+
+
+# --- the scheduler alone ----------------------------------------------------------------------
+
+
+def scheduler_alone(path: Path, smoke: bool) -> Dict[str, Any]:
+    """The batching scheduler without the server: N threads submit the chat prompt to a
+    ``BatchScheduler`` on the model loaded in this process, greedy, every row ``max_tokens``
+    long. Its decode rate while every row decodes (``scheduler_tok_s``) against the direct
+    batched forward at N tells the scheduler's own cost apart from the serving stack's."""
+    from ovis2_xinf.batching import BatchScheduler, kv_bytes_per_token
+    from ovis2_xinf.generation import SamplingPlan
+
+    levels = (1, 2) if smoke else (1, 2, 4, 8, 16)
+    work = Workload("chat", chat_messages, 8 if smoke else 48)
+    direct = Direct(path)
+    model, inputs = direct.loaded.model, direct.inputs(work)
+    scheduler = BatchScheduler(model, max(levels), 1 << 40, kv_bytes_per_token(model.config, direct.loaded.dtype))
+    plan = SamplingPlan({"do_sample": False, "eos_token_id": [], "max_new_tokens": work.max_tokens}, None, [],
+                        work.max_tokens)
+
+    def one(_: int) -> List[tuple]:
+        return [(time.perf_counter(), len(batch)) for batch in scheduler.submit(dict(inputs), plan)]
+
+    rows = []
+    try:
+        for level in levels:
+            with ThreadPoolExecutor(level) as pool:
+                streams = list(pool.map(one, range(level)))
+            start, end = max(s[0][0] for s in streams), min(s[-1][0] for s in streams)
+            tokens = sum(n for s in streams for at, n in s if start < at <= end)
+            rate = tokens / (end - start) if end > start and tokens else None
+            row = {"concurrency": level, "scheduler_tok_s": rate, **direct.decode(work, level)}
+            row["scheduler_over_direct"] = rate / row["direct_tok_s"] if rate else None
+            rows.append(row)
+    finally:
+        scheduler.close()
+    return {"max_tokens": work.max_tokens, "prompt_tokens": int(inputs["input_ids"].shape[1]), "rows": rows}
+

@@ -41,6 +41,8 @@ def test_benchmarks_smoke(tmp_path):
             assert {"served_over_direct", "e2e_over_direct", "ttft_p95_s", "itl_p95_s"} <= set(row)
         assert {"e2e_over_direct_met", "decode_over_direct_met", "scaling_met"} <= set(concurrency["verdict"][name])
     assert len(concurrency["ttft_under_load"]["loaded_ttft_s"]) == 2
+    rows = sections["scheduler"]["rows"]
+    assert [r["concurrency"] for r in rows] == [1, 2] and all(r["direct_tok_s"] > 0 for r in rows)
     multiturn = sections["multiturn"]
     assert [r["turn"] for r in multiturn["rows"]] == [1, 2]
     for row in multiturn["rows"]:
