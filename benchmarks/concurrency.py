@@ -145,23 +145,26 @@ def _pct(values: Sequence[float], q: float) -> Optional[float]:
     return float(np.percentile(values, q)) if len(values) else None
 
 
+def steady_rate(streams: Sequence[Sequence[tuple]]) -> Optional[float]:
+    """Tokens that arrived while every stream was decoding (from the last first arrival to the
+    first last one) over that window; None when it is empty. A stream: (arrival, tokens) pairs."""
+    start, end = max(s[0][0] for s in streams), min(s[-1][0] for s in streams)
+    tokens = sum(n for s in streams for at, n in s if start < at <= end)
+    return tokens / (end - start) if end > start and tokens else None
+
+
 def summarize(streams: List[Dict[str, Any]]) -> Dict[str, Any]:
     """The level's figures from its streams (each: start, arrivals, tokens)."""
     firsts = [s["arrivals"][0] for s in streams]
     lasts = [s["arrivals"][-1] for s in streams]
     after_first = sum(s["tokens"] - 1 for s in streams)
     span = max(lasts) - min(firsts)
-    window = (max(firsts), min(lasts))
-    in_window = 0
-    for s in streams:
-        for at, count in zip(s["arrivals"], chunk_tokens(s["arrivals"], s["tokens"])):
-            if window[0] < at <= window[1]:
-                in_window += count
     gaps = [g for s in streams for g in token_gaps(s["arrivals"], s["tokens"])]
     ttfts = [s["arrivals"][0] - s["start"] for s in streams]
     return {
         "served_tok_s": after_first / span if span > 0 else None,
-        "steady_tok_s": in_window / (window[1] - window[0]) if window[1] > window[0] and in_window else None,
+        "steady_tok_s": steady_rate([list(zip(s["arrivals"], chunk_tokens(s["arrivals"], s["tokens"])))
+                                     for s in streams]),
         "ttft_p50_s": _pct(ttfts, 50), "ttft_p95_s": _pct(ttfts, 95),
         "itl_p50_s": _pct(gaps, 50), "itl_p95_s": _pct(gaps, 95),
         "wall_s": max(lasts) - min(s["start"] for s in streams),
@@ -332,9 +335,6 @@ class Direct:
                     times.append(time.perf_counter() - start)
             self._prefilled[work.name] = (out.past_key_values, first, int(inputs["input_ids"].shape[1]), min(times))
         return self._prefilled[work.name]
-
-    def prefill_s(self, work: Workload) -> float:
-        return self._prefilled[work.name][3] if work.name in self._prefilled else self._prefill(work)[3]
 
     def decode(self, work: Workload, batch: int) -> Dict[str, Any]:
         """Decode steps at ``batch``, and the whole workload's rate: ``batch`` prefills one after
@@ -515,9 +515,7 @@ def scheduler_alone(path: Path, smoke: bool) -> Dict[str, Any]:
         for level in levels:
             with ThreadPoolExecutor(level) as pool:
                 streams = list(pool.map(one, range(level)))
-            start, end = max(s[0][0] for s in streams), min(s[-1][0] for s in streams)
-            tokens = sum(n for s in streams for at, n in s if start < at <= end)
-            rate = tokens / (end - start) if end > start and tokens else None
+            rate = steady_rate(streams)
             row = {"concurrency": level, "scheduler_tok_s": rate, **direct.decode(work, level)}
             row["scheduler_over_direct"] = rate / row["direct_tok_s"] if rate else None
             rows.append(row)

@@ -522,14 +522,15 @@ class BatchScheduler:
             logger.info("%d rows decoding together (most so far)", len(rows))
         self.stats.sizes[len(rows)] = self.stats.sizes.get(len(rows), 0) + 1
         keep: List[int] = []
-        argmax = out.logits[:, -1].argmax(-1).tolist() if any(r.plain_greedy for r in rows) else None
+        greedy = [r.plain_greedy for r in rows]
+        argmax = out.logits[:, -1].argmax(-1).tolist() if any(greedy) else None
         for index, row in enumerate(rows):
             row.position += 1
             if row.cancelled.is_set():
                 self._leave(row, index)
                 logger.info("generation stopped after %d tokens: its consumer stopped reading", row.produced)
                 continue
-            token = row.take(argmax[index]) if row.plain_greedy else row.choose(out.logits[index, -1])
+            token = row.take(argmax[index]) if greedy[index] else row.choose(out.logits[index, -1])
             row.outbox.put(token)
             if row.finished(token):
                 self._leave(row, index)
