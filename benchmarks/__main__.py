@@ -2,7 +2,8 @@
 
 Sections: ``preprocess``, ``detokenize``, ``memory``, ``serving`` (overhead, load time),
 ``concurrency`` (continuous batching: served streams against the batched forward),
-``scheduler`` (the batching scheduler in this process, no server, against the batched forward),
+``scheduler`` (the batching scheduler in this process, no server, against the batched forward;
+and what one OpenMP team kept by another thread costs the batched forward),
 ``multiturn`` (reuse across turns: a 4-turn chat about one image, cold against warm TTFT),
 ``grammar`` (structured output: llguidance compile time and mask cost per token against a decode step).
 ``--model tiny`` uses the bundled fixture (quick); ``--model 1b`` builds a random
@@ -161,6 +162,11 @@ def run_scheduler(args, paths) -> Dict[str, Any]:
     result = concurrency.scheduler_alone(paths["pytorch"], args.smoke)
     print(f"chat: {result['prompt_tokens']} prompt tokens, {result['max_tokens']} new tokens each, no server")
     print(_table(result["rows"], ["concurrency", "scheduler_tok_s", "direct_tok_s", "scheduler_over_direct"]))
+    team = result["openmp_team"]
+    print(f"direct steps at {team['batch']} rows: {team['alone_tok_s']:.2f} tok/s ({_num(team['alone_cores'])} cores); "
+          f"while another thread keeps an OpenMP team {team['beside_team_tok_s']:.2f} tok/s "
+          f"({_num(team['beside_team_cores'])} cores, {team['beside_over_alone']:.2f}x); "
+          f"after it ended {team['after_thread_ended_tok_s']:.2f} tok/s")
     return result
 
 

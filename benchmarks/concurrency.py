@@ -512,6 +512,7 @@ def scheduler_alone(path: Path, smoke: bool) -> Dict[str, Any]:
 
     rows = []
     try:
+        team = lingering_team_cost(direct, work, max(levels) if smoke else 8)
         for level in levels:
             with ThreadPoolExecutor(level) as pool:
                 streams = list(pool.map(one, range(level)))
@@ -521,5 +522,39 @@ def scheduler_alone(path: Path, smoke: bool) -> Dict[str, Any]:
             rows.append(row)
     finally:
         scheduler.close()
-    return {"max_tokens": work.max_tokens, "prompt_tokens": int(inputs["input_ids"].shape[1]), "rows": rows}
+    return {"max_tokens": work.max_tokens, "prompt_tokens": int(inputs["input_ids"].shape[1]), "rows": rows,
+            "openmp_team": team}
+
+
+def lingering_team_cost(direct: "Direct", work: Workload, batch: int) -> Dict[str, Any]:
+    """The direct decode steps at ``batch`` rows, then again while another live thread keeps the
+    OpenMP team torch gave it for one parallel op, then once that thread has ended.
+
+    libgomp spins at a parallel region's barriers only while it manages no more threads than
+    there are cores, and sleeps there otherwise; the scheduler's rule that no other thread of the
+    model process computes (``ovis2_xinf.batching``) rests on this figure."""
+    direct.decode(work, batch)  # warm
+    with CpuMeter() as cpu:
+        alone = direct.decode(work, batch)
+    ran, release = threading.Event(), threading.Event()
+
+    def parked() -> None:
+        (torch.ones(1 << 22) * 2).sum()
+        ran.set()
+        release.wait()
+
+    thread = threading.Thread(target=parked, daemon=True)
+    thread.start()
+    ran.wait()
+    try:
+        with CpuMeter() as beside_cpu:
+            beside = direct.decode(work, batch)
+    finally:
+        release.set()
+        thread.join()
+    ended = direct.decode(work, batch)
+    return {"batch": batch, "torch_threads": torch.get_num_threads(), "alone_tok_s": alone["direct_tok_s"],
+            "alone_cores": cpu.own, "beside_team_tok_s": beside["direct_tok_s"], "beside_team_cores": beside_cpu.own,
+            "after_thread_ended_tok_s": ended["direct_tok_s"],
+            "beside_over_alone": beside["direct_tok_s"] / alone["direct_tok_s"]}
 

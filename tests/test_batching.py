@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 
@@ -23,7 +24,8 @@ GEN = GOLDEN["generation"]
 TEXT_IDS = torch.tensor([[526, 384, 198, 462, 527, 198, 526, 439, 198]])
 
 
-def case_inputs(loaded, name: str, cases=GOLDEN["cases"]) -> dict:
+def case_inputs(loaded, name: str, cases=GOLDEN["cases"], cast: bool = True) -> dict:
+    """The case's model inputs; ``cast=False`` leaves pixel values in float32 for the scheduler to cast."""
     case = cases[name]
     pre = Ovis2ImagePreprocessor(loaded.checkpoint.preprocessor)
     images = pre.batch([Image.open(CASES_DIR / "images" / f) for f in case["images"]], case["max_partition"])
@@ -31,7 +33,7 @@ def case_inputs(loaded, name: str, cases=GOLDEN["cases"]) -> dict:
                      loaded.placeholders, tokens_per_crop(loaded.model.config))
     inputs = {"input_ids": encoded.input_ids, "attention_mask": torch.ones_like(encoded.input_ids)}
     if encoded.pixel_values is not None:
-        inputs["pixel_values"] = encoded.pixel_values.to(loaded.dtype)
+        inputs["pixel_values"] = encoded.pixel_values.to(loaded.dtype) if cast else encoded.pixel_values
     return inputs
 
 
@@ -75,7 +77,8 @@ def test_gptq_cases_in_a_batch_match_their_solo_runs(bits):
     solo_sched = scheduler(loaded, max_num_seqs=1)
     batch_sched = scheduler(loaded, max_num_seqs=8)
     try:
-        inputs = {n: case_inputs(loaded, n) for n in names}
+        assert loaded.dtype != torch.float32  # the scheduler casts the pixel values itself
+        inputs = {n: case_inputs(loaded, n, cast=False) for n in names}
         solo = {n: tokens(solo_sched.submit(inputs[n], greedy(inputs[n]["input_ids"].shape[1]))) for n in names}
         streams = {n: batch_sched.submit(inputs[n], greedy(inputs[n]["input_ids"].shape[1])) for n in names}
         batched = {n: tokens(s) for n, s in streams.items()}
@@ -274,3 +277,40 @@ def test_a_failing_prefill_fails_its_request_only(tiny_model):
 def test_max_num_seqs_must_be_positive(tiny_model):
     with pytest.raises(ValueError, match="max_num_seqs: must be at least 1"):
         scheduler(tiny_model, max_num_seqs=0)
+
+
+def _os_threads() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task") or torch.get_num_threads() < 2,
+                    reason="counts OS threads in /proc; needs torch to compute on more than one thread")
+def test_work_in_a_passing_thread_leaves_no_openmp_team_in_the_calling_pool_thread():
+    """Xinference calls ``load`` on a pool thread that stays; the OpenMP workers torch starts for
+    a thread that computes stay with it, unless the work ran on a thread of its own."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ovis2_xinf.model import _in_own_thread
+
+    def compute() -> None:
+        (torch.ones(1 << 22) * 2).sum()
+
+    with ThreadPoolExecutor(1) as pool:  # what asyncio.to_thread runs on
+        pool.submit(lambda: None).result()
+        before = _os_threads()
+        pool.submit(_in_own_thread, compute).result()
+        after_ours = _os_threads()
+        pool.submit(compute).result()
+        after_plain = _os_threads()
+    assert after_ours == before
+    assert after_plain == before + torch.get_num_threads() - 1  # the team that stays, without the helper
+
+
+def test_work_in_a_passing_thread_raises_its_error():
+    from ovis2_xinf.model import _in_own_thread
+
+    def fail() -> None:
+        raise OSError("model.safetensors: missing")
+
+    with pytest.raises(OSError, match="model.safetensors: missing"):
+        _in_own_thread(fail)

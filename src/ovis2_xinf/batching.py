@@ -20,6 +20,13 @@ batch.
 Bounds: at most ``max_num_seqs`` rows decode together, and a row is admitted only while the
 batch's padded cache at its longest (each row's prompt plus ``max_tokens``) fits the KV budget;
 the others wait in arrival order. ``max_num_seqs=1`` runs one request at a time.
+
+Threads: the scheduler thread does every tensor operation big enough for torch to spread over
+its OpenMP threads, pixel values' cast to the vision tower's dtype included. libgomp spins
+briefly, instead of sleeping, at the barriers of a parallel region only while it manages no
+more threads than there are cores; one more thread keeping an OpenMP team of its own (a
+request thread of Xinference's pool that once cast an image, say) makes its threads sleep at
+every barrier, and on 2 cores a decode step then takes 12 % longer (``docs/architecture.md``).
 """
 
 from __future__ import annotations
@@ -299,6 +306,7 @@ class BatchScheduler:
         self._wake = threading.Condition()
         self._closed = False
         self._device = model.get_input_embeddings().weight.device
+        self._pixels = _vision_placement(model)
         self._preemptible = False  # true while a decode step may be stopped for a newcomer
         self._redo = False  # the step now due reruns one that was stopped: it runs to its end
         self._hooks = [layer.register_forward_pre_hook(self._preempt_for_newcomer) for layer in _decoder_layers(model)]
@@ -427,7 +435,10 @@ class BatchScheduler:
         self.stats.prefills += 1
         try:
             if self.reuse is None:
-                out = self.model(**row.inputs, past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1)
+                inputs = dict(row.inputs)
+                if inputs.get("pixel_values") is not None:
+                    inputs["pixel_values"] = inputs["pixel_values"].to(*self._pixels)
+                out = self.model(**inputs, past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1)
             else:
                 out = self._prefill_reusing(row)
             token = row.choose(out.logits[0, -1])
@@ -467,7 +478,8 @@ class BatchScheduler:
         for image in images:
             found = self.reuse.vision(image.key)
             if found is None:
-                found = core.get_image_features(pixel_values=image.pixel_values, return_dict=True).pooler_output
+                pixels = image.pixel_values.to(*self._pixels)
+                found = core.get_image_features(pixel_values=pixels, return_dict=True).pooler_output
                 self.reuse.put_vision(image.key, found)
             features.append(found.reshape(-1, found.shape[-1]))
         if features:
@@ -543,6 +555,13 @@ class BatchScheduler:
         if self.reuse is not None:
             self._keep_for_reuse(row, self._batch.row_cache(index))
         row.outbox.put(_END)
+
+
+def _vision_placement(model: Any) -> Tuple[torch.device, torch.dtype]:
+    """Where and in which dtype the vision tower takes its pixel values."""
+    tower = getattr(getattr(model, "model", None), "vision_tower", None)
+    weight = next(tower.parameters()) if tower is not None else model.get_input_embeddings().weight
+    return weight.device, weight.dtype
 
 
 def _decoder_layers(model: Any) -> List[Any]:

@@ -23,7 +23,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 from xinference.model.llm.transformers.core import PytorchChatModel
@@ -49,6 +49,26 @@ SUPPORTED_FORMATS = ("pytorch", "gptq")
 KV_BUDGET_ENV = "OVIS2_XINF_KV_CACHE_BUDGET_MIB"
 REUSE_BUDGET_ENV = "OVIS2_XINF_REUSE_CACHE_MIB"
 SPECIAL_TOKENS = ("<|im_end|>", "<|endoftext|>")
+
+
+def _in_own_thread(work: Callable[[], None]) -> None:
+    """Run ``work`` on a thread that ends with it, so that the OpenMP team torch gives a thread
+    that computes goes with it: Xinference calls ``load`` on a thread of its pool that stays,
+    and one team left there makes every decode step's threads sleep at each barrier (see
+    :mod:`ovis2_xinf.batching`)."""
+    failure: List[BaseException] = []
+
+    def run() -> None:
+        try:
+            work()
+        except BaseException as exc:
+            failure.append(exc)
+
+    thread = threading.Thread(target=run, name="ovis2-load")
+    thread.start()
+    thread.join()
+    if failure:
+        raise failure[0]
 
 
 def _dtype(name: Any, device: str) -> torch.dtype:
@@ -139,6 +159,9 @@ class Ovis2NativeChatModel(PytorchChatModel):
         return device, max_memory
 
     def load(self) -> None:
+        _in_own_thread(self._load)
+
+    def _load(self) -> None:
         from .loader import load_model
         from .quantization import quantization_loader_for
 
@@ -269,10 +292,8 @@ class Ovis2NativeChatModel(PytorchChatModel):
             "input_ids": encoded.input_ids.to(device),
             "attention_mask": torch.ones_like(encoded.input_ids, device=device),
         }
-        if encoded.pixel_values is not None:
-            vision_device = self._model.model.vision_tower.head_linear.weight.device
-            dtype = self._loaded.dtype
-            inputs["pixel_values"] = encoded.pixel_values.to(vision_device, dtype)
+        if encoded.pixel_values is not None:  # cast by the scheduler thread (batching.py says why)
+            inputs["pixel_values"] = encoded.pixel_values
         return inputs
 
     def _events(self, prepared: _Prepared) -> Tuple[Iterator[TextEvent], RowOptions]:
