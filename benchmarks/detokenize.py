@@ -1,4 +1,5 @@
-"""Streaming detokenization cost: time per token of ``stream_text`` as the answer grows.
+"""Streaming detokenization cost: time per token of ``TextDeltas`` (the work of ``stream_text``)
+as the answer grows.
 
 One token per batch (the server's case when the client keeps up with the model), one stop
 string. A cost per token that stays flat as the answer grows means each chunk decodes a
@@ -12,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Sequence
 
-from ovis2_xinf.generation import plan_sampling, stream_text
+from ovis2_xinf.generation import TextDeltas, plan_sampling
 from ovis2_xinf.loader import load_tokenizer
 
 LENGTHS = (256, 1024, 4096)
@@ -30,7 +31,9 @@ def run(checkpoint: Path, lengths: Sequence[int] = LENGTHS, repeats: int = 3) ->
         streamed, whole = [], []
         for _ in range(repeats):
             start = time.perf_counter()
-            text = "".join(e.text for e in stream_text(iter([[i] for i in answer]), tokenizer, plan, []))
+            deltas = TextDeltas(tokenizer, plan, [])
+            events = [deltas.feed([i]) for i in answer] + deltas.finish()
+            text = "".join(e.text for e in events if e is not None)
             streamed.append(time.perf_counter() - start)
             if text != expected:
                 raise AssertionError(f"{length} tokens: the streamed text differs from one decode of the answer")

@@ -232,6 +232,36 @@ def test_closing_a_stream_ends_its_row_only(tiny_model):
         sched.close()
 
 
+def test_asynchronous_consumers_on_one_thread_decode_together_and_leave_alone(tiny_model):
+    """``submit_async``: many requests wait on one event loop thread; one that stops reading ends its row only."""
+    import asyncio
+
+    sched = scheduler(tiny_model)
+    names = ["text_only", "single_wide", "multi_turn"]
+
+    async def answer(name: str) -> list:
+        inputs = case_inputs(tiny_model, name)
+        return [t async for batch in sched.submit_async(inputs, greedy(inputs["input_ids"].shape[1])) for t in batch]
+
+    async def leaves() -> int:
+        stream = sched.submit_async({"input_ids": TEXT_IDS}, greedy(TEXT_IDS.shape[1], 3000, ignore_eos=True))
+        async for _ in stream:
+            break
+        await stream.aclose()
+        return sched.stats.rows_decoded
+
+    async def main():
+        return await asyncio.gather(leaves(), *(answer(n) for n in names))
+
+    try:
+        decoded_when_left, *answers = asyncio.run(main())
+        assert answers == [GOLDEN["cases"][n]["greedy_ids"] for n in names]
+        assert sched.stats.max_batch >= 2
+        assert sched.stats.rows_decoded < decoded_when_left + 3000  # the row that left did not run on
+    finally:
+        sched.close()
+
+
 def test_max_num_seqs_one_runs_requests_one_at_a_time_in_arrival_order(tiny_model):
     sched = scheduler(tiny_model, max_num_seqs=1)
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 
 import pytest
 from hypothesis import given, settings
@@ -14,6 +15,18 @@ from ovis2_xinf.loader import load_tokenizer
 
 CHECKPOINT_DEFAULTS = {"do_sample": True, "temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.05}
 EOS = [527, 525]
+
+
+def text_events(batches, tokenizer, plan_) -> list:
+    """``stream_text``'s events for these batches of token ids, as the model's event loop gets them."""
+    async def feed():
+        for batch in batches:
+            yield batch
+
+    async def collect():
+        return [event async for event in stream_text(feed(), tokenizer, plan_, EOS)]
+
+    return asyncio.run(collect())
 
 
 def plan(config, prompt_tokens=10, context=100):
@@ -69,7 +82,7 @@ def _run(tokenizer, text_or_ids, config, eos_at_end=False):
         ids = ids + [527]
     answers = []
     for batches in ([[i] for i in ids], [ids]):
-        events = list(stream_text(iter(batches), tokenizer, plan(config), EOS))
+        events = text_events(batches, tokenizer, plan(config))
         answers.append(("".join(e.text for e in events), events[-1].finish_reason, events[-1].completion_tokens))
     assert answers[0] == answers[1]
     return answers[0]
@@ -88,7 +101,7 @@ def test_stream_text_length_when_no_eos(tokenizer):
 def test_stop_string_is_cut_and_never_sent(tokenizer):
     ids = tokenizer("one two STOP three", add_special_tokens=False).input_ids
     for batches in ([[i] for i in ids], [ids[:3], ids[3:]], [ids]):
-        events = list(stream_text(iter(batches), tokenizer, plan({"stop": ["STOP"]}), EOS))
+        events = text_events(batches, tokenizer, plan({"stop": ["STOP"]}))
         assert "".join(e.text for e in events) == "one two "
         assert all("S" not in e.text for e in events)
         assert events[-1].finish_reason == "stop"
@@ -96,7 +109,7 @@ def test_stop_string_is_cut_and_never_sent(tokenizer):
 
 def test_one_event_per_batch(tokenizer):
     ids = tokenizer("one two three four", add_special_tokens=False).input_ids
-    events = list(stream_text(iter([ids[:2], ids[2:]]), tokenizer, plan({}), EOS))
+    events = text_events([ids[:2], ids[2:]], tokenizer, plan({}))
     assert [e.text for e in events if e.text] == [tokenizer.decode(ids[:2]), tokenizer.decode(ids)[len(tokenizer.decode(ids[:2])):]]
 
 
@@ -126,7 +139,7 @@ def test_streamed_text_is_one_decode_of_the_answer(tokenizer, ids, sizes, stops)
         size = sizes[len(batches) % len(sizes)]
         batches.append(ids[position: position + size])
         position += size
-    events = list(stream_text(iter(batches), tokenizer, plan({"stop": stops}), EOS))
+    events = text_events(batches, tokenizer, plan({"stop": stops}))
     assert ("".join(e.text for e in events), events[-1].finish_reason) == _one_decode(tokenizer, ids, stops)
 
 
@@ -135,7 +148,7 @@ def test_a_stop_string_before_an_unfinished_character_is_cut(tokenizer):
     ids = tokenizer("one STOP", add_special_tokens=False).input_ids + tokenizer("\u4f60", add_special_tokens=False).input_ids[:1]
     assert tokenizer.decode(ids).endswith("STOP\ufffd")
     for batches in ([[i] for i in ids], [ids]):
-        events = list(stream_text(iter(batches), tokenizer, plan({"stop": ["STOP"]}), EOS))
+        events = text_events(batches, tokenizer, plan({"stop": ["STOP"]}))
         assert "".join(e.text for e in events) == "one " and events[-1].finish_reason == "stop"
 
 

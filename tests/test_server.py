@@ -322,6 +322,40 @@ def test_concurrent_mixed_requests_are_batched_and_each_gets_its_solo_answer(ser
     assert peaks and max(peaks) >= 2, "the requests never shared a decode step"
 
 
+def test_more_requests_than_xinference_pool_threads_decode_together(server, client, uid):
+    """A request waiting for its tokens must not hold one of the model process's pool threads
+    (``min(32, cores + 4)``), or no more than that many requests could ever decode at once."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = min(32, (os.cpu_count() or 1) + 4)
+    if pool + 3 > 16:
+        pytest.skip(f"the model's max_num_seqs (16) is not above this machine's pool of {pool} threads")
+    requests = pool + 6
+    log = Path(server.log_path)
+    offset = log.stat().st_size
+    barrier = threading.Barrier(requests)
+
+    def one(stream: bool) -> int:
+        barrier.wait()
+        kwargs = dict(model=uid, messages=[{"role": "user", "content": "count"}], max_tokens=400,
+                      extra_body={"ignore_eos": True})
+        if not stream:
+            return client.chat.completions.create(**kwargs).usage.completion_tokens
+        usage = None
+        for chunk in client.chat.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}):
+            usage = chunk.usage or usage
+        return usage.completion_tokens
+
+    with ThreadPoolExecutor(requests) as threads:
+        produced = list(threads.map(one, [i % 3 == 0 for i in range(requests)]))
+    assert produced == [400] * requests
+    with log.open() as handle:
+        handle.seek(offset)
+        peaks = [int(m) for m in re.findall(r"(\d+) rows decoding together", handle.read())]
+    assert peaks and max(peaks) >= pool + 2, (peaks, pool)
+
+
 def test_turn_two_with_reuse_equals_a_model_without_reuse(server, client, uid):
     cold = server.launch("--model-engine", "transformers", "--model-name", "Ovis2", "--size-in-billions", "2",
                          "--model-format", "pytorch", "--model-path", str(TINY), "--model-uid", "ovis2-no-reuse",

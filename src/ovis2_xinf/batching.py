@@ -31,12 +31,13 @@ every barrier, and on 2 cores a decode step then takes 12 % longer (``docs/archi
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import logging
 import queue
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Deque, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, AsyncIterator, Callable, Deque, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -98,7 +99,17 @@ class _Row:
         self.position = self.prompt_len  # the next token's position among this row's own tokens
         self.last_token: Optional[int] = None
         self.outbox: "queue.Queue[Union[int, BaseException, None]]" = queue.Queue()
+        self.notify: Optional[Callable[[], None]] = None  # wakes an asynchronous consumer
         self.cancelled = threading.Event()
+
+    def send(self, item: Union[int, BaseException, None]) -> None:
+        """Hand a token, an error or the end to the consumer."""
+        self.outbox.put(item)
+        if self.notify is not None:
+            try:
+                self.notify()
+            except RuntimeError:  # its event loop has closed: nobody is reading any more
+                self.cancelled.set()
 
     @property
     def peak_tokens(self) -> int:
@@ -321,40 +332,78 @@ class BatchScheduler:
 
         ``images`` (one per image of the prompt, in order) lets the prefill reuse what earlier
         requests computed; without reuse they are not needed. ``options`` adds a grammar or
-        logprobs to this row.
+        logprobs to this row. The iterator blocks its thread while it waits: :meth:`submit_async`
+        waits on an event loop instead.
         """
+        return self._drain(self._enqueue(inputs, plan, images, options))
+
+    def submit_async(self, inputs: Dict[str, Any], plan: SamplingPlan, images: Sequence[ImageRef] = (),
+                     options: Optional[RowOptions] = None) -> AsyncIterator[List[int]]:
+        """:meth:`submit` for a consumer on an event loop: waiting for tokens holds no thread."""
+        return self._drain_async(self._enqueue(inputs, plan, images, options))
+
+    def _enqueue(self, inputs: Dict[str, Any], plan: SamplingPlan, images: Sequence[ImageRef],
+                 options: Optional[RowOptions]) -> _Row:
         row = _Row(inputs, plan, self._device, images, options)
         with self._wake:
             if self._closed:
                 raise RuntimeError("the model's scheduler has stopped")
             self._waiting.append(row)
             self._wake.notify_all()
-        return self._drain(row)
+        return row
+
+    @staticmethod
+    def _ready(row: _Row, item: Union[int, BaseException, None]) -> Tuple[List[int], bool]:
+        """``item`` and every token already in the outbox after it; whether the row has ended."""
+        batch: List[int] = []
+        while True:
+            if item is _END:
+                return batch, True
+            if isinstance(item, BaseException):
+                raise item
+            batch.append(item)
+            try:
+                item = row.outbox.get_nowait()
+            except queue.Empty:
+                return batch, False
 
     def _drain(self, row: _Row) -> Iterator[List[int]]:
+        done = False
         try:
-            done = False
             while not done:
-                item = row.outbox.get()
-                batch: List[int] = []
-                while True:
-                    if item is _END:
-                        done = True
-                        break
-                    if isinstance(item, BaseException):
-                        raise item
-                    batch.append(item)
-                    try:
-                        item = row.outbox.get_nowait()
-                    except queue.Empty:
-                        break
+                batch, done = self._ready(row, row.outbox.get())
                 if batch:
                     yield batch
         finally:
             if not done:
-                row.cancelled.set()
-                with self._wake:
-                    self._wake.notify_all()
+                self._cancel(row)
+
+    async def _drain_async(self, row: _Row) -> AsyncIterator[List[int]]:
+        loop = asyncio.get_running_loop()
+        arrived = asyncio.Event()
+        row.notify = lambda: loop.call_soon_threadsafe(arrived.set)
+        done = False
+        try:
+            while not done:
+                try:
+                    item = row.outbox.get_nowait()
+                except queue.Empty:
+                    arrived.clear()
+                    if row.outbox.empty():  # a token sent after this check sets the event again
+                        await arrived.wait()
+                    continue
+                batch, done = self._ready(row, item)
+                if batch:
+                    yield batch
+        finally:
+            row.notify = None
+            if not done:
+                self._cancel(row)
+
+    def _cancel(self, row: _Row) -> None:
+        row.cancelled.set()
+        with self._wake:
+            self._wake.notify_all()
 
     def close(self) -> None:
         with self._wake:
@@ -394,7 +443,7 @@ class BatchScheduler:
         with self._wake:
             while True:
                 while self._waiting and self._waiting[0].cancelled.is_set():
-                    self._waiting.popleft().outbox.put(_END)
+                    self._waiting.popleft().send(_END)
                 if not self._waiting and not self._active and not admitted:
                     if self._closed:
                         return []
@@ -404,7 +453,7 @@ class BatchScheduler:
             while self._waiting and len(self._active) + len(admitted) < self.max_num_seqs:
                 row = self._waiting[0]
                 if row.cancelled.is_set():
-                    self._waiting.popleft().outbox.put(_END)
+                    self._waiting.popleft().send(_END)
                     continue
                 if admitted or not self._fits(row):
                     if not admitted and self._active:
@@ -444,14 +493,14 @@ class BatchScheduler:
             token = row.choose(out.logits[0, -1])
         except BaseException as exc:  # this request alone fails
             logger.warning("prefill failed: %s: %s", type(exc).__name__, exc)
-            row.outbox.put(exc)
-            row.outbox.put(_END)
+            row.send(exc)
+            row.send(_END)
             return
         row.inputs = {}  # pixel values and ids are in the cache now
-        row.outbox.put(token)
+        row.send(token)
         if row.finished(token) or row.cancelled.is_set():
             self._keep_for_reuse(row, out.past_key_values)
-            row.outbox.put(_END)
+            row.send(_END)
             return
         self._batch.add(out.past_key_values)
         self._active.append(row)
@@ -520,8 +569,8 @@ class BatchScheduler:
         except BaseException as exc:  # nothing tells which row caused it: all of them end
             logger.exception("decode step over %d rows failed", len(rows))
             for row in rows:
-                row.outbox.put(exc)
-                row.outbox.put(_END)
+                row.send(exc)
+                row.send(_END)
             self._active, self._batch = [], KVBatch()
             return
         finally:
@@ -543,7 +592,7 @@ class BatchScheduler:
                 logger.info("generation stopped after %d tokens: its consumer stopped reading", row.produced)
                 continue
             token = row.take(argmax[index]) if greedy[index] else row.choose(out.logits[index, -1])
-            row.outbox.put(token)
+            row.send(token)
             if row.finished(token):
                 self._leave(row, index)
                 continue
@@ -554,7 +603,7 @@ class BatchScheduler:
     def _leave(self, row: _Row, index: int) -> None:
         if self.reuse is not None:
             self._keep_for_reuse(row, self._batch.row_cache(index))
-        row.outbox.put(_END)
+        row.send(_END)
 
 
 def _vision_placement(model: Any) -> Tuple[torch.device, torch.dtype]:

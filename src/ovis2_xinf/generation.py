@@ -10,7 +10,7 @@ chunks instead of falling behind.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Optional, Sequence
+from typing import Any, AsyncIterator, Dict, List, Optional, Sequence
 
 
 from .errors import Ovis2LimitError, Ovis2RequestError
@@ -143,57 +143,84 @@ def _first_stop(text: str, stops: Sequence[str], start: int) -> int:
     return min((i for i in (text.find(s, start) for s in stops) if i >= 0), default=-1)
 
 
-def stream_text(
-    batches: Iterator[List[int]], tokenizer, plan: SamplingPlan, eos_token_ids: Sequence[int]
-) -> Iterator[TextEvent]:
-    """Decode batches of token ids into text deltas, honouring stop strings and eos.
+class TextDeltas:
+    """The text of an answer as deltas for the client, honouring stop strings and eos.
 
     Text that might be the start of a stop string is held back until it is known not
-    to be one, so a stop string never reaches the client. One event per batch at most.
-    Each batch costs time in its own length and the stop strings', not the answer's.
+    to be one, so a stop string never reaches the client. Each batch of tokens costs time in
+    its own length and the stop strings', not the answer's.
     """
-    eos = set(eos_token_ids) | set(plan.generate_kwargs["eos_token_id"])
-    answer = IncrementalText(tokenizer)
-    # A stop string ending before the newest text would have been found already.
-    overlap = max((len(s) for s in plan.stop), default=1) - 1
-    text = ""
-    emitted = 0
-    finish_reason = "length"
-    cut = -1
-    try:
-        for batch in batches:
-            for token in batch:
-                if token in eos:
-                    finish_reason = "stop"
-                    break
-                answer.ids.append(token)
-            searched = max(0, len(text) - overlap)
-            text += answer.take()
-            cut = _first_stop(text, plan.stop, searched)
-            if cut >= 0 or finish_reason == "stop":
+
+    def __init__(self, tokenizer, plan: SamplingPlan, eos_token_ids: Sequence[int]):
+        self._eos = set(eos_token_ids) | set(plan.generate_kwargs["eos_token_id"])
+        self._stops = plan.stop
+        self._answer = IncrementalText(tokenizer)
+        # A stop string ending before the newest text would have been found already.
+        self._overlap = max((len(s) for s in plan.stop), default=1) - 1
+        self._text = ""
+        self._emitted = 0
+        self._finish_reason = "length"
+        self._cut = -1
+
+    @property
+    def ended(self) -> bool:
+        """An eos token or a stop string has been seen: the row's later tokens are not wanted."""
+        return self._cut >= 0 or self._finish_reason == "stop"
+
+    def feed(self, batch: List[int]) -> Optional[TextEvent]:
+        """The text these tokens make ready for the client, if any."""
+        for token in batch:
+            if token in self._eos:
+                self._finish_reason = "stop"
                 break
-            held = max(
-                (n for s in plan.stop for n in range(1, len(s)) if text.endswith(s[:n])),
-                default=0,
-            )
-            ready = len(text) - held
-            if ready > emitted:
-                yield TextEvent(text[emitted:ready], None, len(answer.ids))
-                emitted = ready
+            self._answer.ids.append(token)
+        searched = max(0, len(self._text) - self._overlap)
+        self._text += self._answer.take()
+        self._cut = _first_stop(self._text, self._stops, searched)
+        if self.ended:
+            return None
+        held = max((n for s in self._stops for n in range(1, len(s)) if self._text.endswith(s[:n])), default=0)
+        ready = len(self._text) - held
+        if ready <= self._emitted:
+            return None
+        event = TextEvent(self._text[self._emitted:ready], None, len(self._answer.ids))
+        self._emitted = ready
+        return event
+
+    def finish(self) -> List[TextEvent]:
+        """The rest of the text (characters still incomplete, text held back) and the finish reason."""
+        text = self._text
+        if self._cut < 0:
+            searched = max(0, len(text) - self._overlap)
+            text += self._answer.take(final=True)
+            self._cut = _first_stop(text, self._stops, searched)
+        count = len(self._answer.ids)
+        finish_reason = self._finish_reason
+        if self._cut >= 0:
+            finish_reason = "stop"
+            text = text[:self._cut]
+        elif finish_reason == "stop":
+            count += 1  # the eos token
+        events = [TextEvent(text[self._emitted:], None, count)] if len(text) > self._emitted else []
+        return events + [TextEvent("", finish_reason, count)]
+
+
+async def stream_text(
+    batches: AsyncIterator[List[int]], tokenizer, plan: SamplingPlan, eos_token_ids: Sequence[int]
+) -> AsyncIterator[TextEvent]:
+    """Text deltas of the batches of token ids (see :class:`TextDeltas`), one event per batch at most;
+    the batches' iterator is closed as soon as the answer has ended, which ends its row."""
+    watch = TextDeltas(tokenizer, plan, eos_token_ids)
+    try:
+        async for batch in batches:
+            event = watch.feed(batch)
+            if event is not None:
+                yield event
+            if watch.ended:
+                break
     finally:
-        close = getattr(batches, "close", None)
+        close = getattr(batches, "aclose", None)
         if close is not None:
-            close()
-    if cut < 0:  # the rest of the answer: characters still incomplete, text held back
-        searched = max(0, len(text) - overlap)
-        text += answer.take(final=True)
-        cut = _first_stop(text, plan.stop, searched)
-    count = len(answer.ids)
-    if cut >= 0:
-        finish_reason = "stop"
-        text = text[:cut]
-    elif finish_reason == "stop":
-        count += 1  # the eos token
-    if len(text) > emitted:
-        yield TextEvent(text[emitted:], None, count)
-    yield TextEvent("", finish_reason, count)
+            await close()
+    for event in watch.finish():
+        yield event

@@ -9,6 +9,8 @@ Concurrency: the class tells Xinference it may be called concurrently
 and a stream is pulled only as fast as its client reads it. The generations share the
 model's decode steps through our own :class:`~ovis2_xinf.batching.BatchScheduler`
 (continuous batching; Xinference's scheduler stays off, docs/architecture.md says why).
+``chat`` is a coroutine and its streams are asynchronous generators: a request prepares on
+a thread of Xinference's pool, then waits for its tokens on the event loop, holding no thread.
 With ``allow_batch = False`` Xinference would instead drain every stream eagerly in the
 model process, and a client that disconnects could not stop its generation (see also
 :func:`ovis2_xinf.registration.close_dropped_streams`).
@@ -16,6 +18,7 @@ model process, and a client that disconnects could not stop its generation (see 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -23,7 +26,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, AsyncIterator, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 from xinference.model.llm.transformers.core import PytorchChatModel
@@ -296,7 +299,7 @@ class Ovis2NativeChatModel(PytorchChatModel):
             inputs["pixel_values"] = encoded.pixel_values
         return inputs
 
-    def _events(self, prepared: _Prepared) -> Tuple[Iterator[TextEvent], RowOptions]:
+    def _events(self, prepared: _Prepared) -> Tuple[AsyncIterator[TextEvent], RowOptions]:
         inputs = self._inputs(prepared.encoded)
         images: List[ImageRef] = []
         if prepared.image_keys:
@@ -307,7 +310,7 @@ class Ovis2NativeChatModel(PytorchChatModel):
         options = RowOptions(top_logprobs=prepared.top_logprobs)
         if prepared.grammar is not None:
             options.grammar = self._grammars().matcher(prepared.grammar)
-        tokens = self._scheduler.submit(inputs, prepared.plan, images, options)
+        tokens = self._scheduler.submit_async(inputs, prepared.plan, images, options)
         return stream_text(tokens, self._tokenizer, prepared.plan, self._eos_ids), options
 
     def _grammars(self) -> Grammars:
@@ -333,25 +336,31 @@ class Ovis2NativeChatModel(PytorchChatModel):
             "total_tokens": prompt_tokens + completion_tokens,
         }
 
-    def chat(
+    async def chat(
         self, messages: List[Dict], generate_config: Optional[Dict[str, Any]] = None
-    ) -> Union[Dict[str, Any], Iterator[Dict[str, Any]]]:
+    ) -> Union[Dict[str, Any], AsyncIterator[Dict[str, Any]]]:
+        """A coroutine, so that a request waiting for its tokens holds no thread: Xinference
+        runs a plain method, and every ``next`` of a plain generator, on its event loop's pool,
+        which has ``min(32, cores + 4)`` threads (6 on 2 cores), fewer than ``max_num_seqs``."""
         config = dict(generate_config or {})
         logger.debug("chat request options: %s", sorted(config))
         refuse_unsupported(config)
-        prepared = self._prepare(messages, config)
+        prepared = await asyncio.to_thread(self._prepare, messages, config)  # media, images, tokens
         if config.get("stream"):
             return self._stream_chunks(prepared)
-        return self._complete(prepared)
+        return await self._complete(prepared)
 
-    def _complete(self, prepared: _Prepared) -> Dict[str, Any]:
+    async def _complete(self, prepared: _Prepared) -> Dict[str, Any]:
         text, finish_reason, completion_tokens = "", "length", 0
         events, options = self._events(prepared)
-        for event in events:
-            text += event.text
-            completion_tokens = event.completion_tokens
-            if event.finish_reason:
-                finish_reason = _finish_reason(event.finish_reason, options)
+        try:
+            async for event in events:
+                text += event.text
+                completion_tokens = event.completion_tokens
+                if event.finish_reason:
+                    finish_reason = _finish_reason(event.finish_reason, options)
+        finally:  # a request cancelled while it waits ends its row
+            await events.aclose()
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex}",
             "object": "chat.completion",
@@ -368,7 +377,7 @@ class Ovis2NativeChatModel(PytorchChatModel):
             "usage": self._usage(prepared, completion_tokens),
         }
 
-    def _stream_chunks(self, prepared: _Prepared) -> Iterator[Dict[str, Any]]:
+    async def _stream_chunks(self, prepared: _Prepared) -> AsyncIterator[Dict[str, Any]]:
         chunk_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
 
@@ -391,7 +400,7 @@ class Ovis2NativeChatModel(PytorchChatModel):
         completion_tokens = sent = 0
         try:
             yield chunk({"role": "assistant", "content": ""}, None)
-            for event in events:
+            async for event in events:
                 completion_tokens = event.completion_tokens
                 if event.text:
                     yield chunk({"content": event.text}, None, logprobs=self._logprobs(options, sent, completion_tokens))
@@ -403,4 +412,4 @@ class Ovis2NativeChatModel(PytorchChatModel):
             if prepared.include_usage:
                 yield chunk({}, None, usage=self._usage(prepared, completion_tokens), choices=False)
         finally:
-            events.close()
+            await events.aclose()

@@ -28,6 +28,7 @@ logs one INFO line saying so, once Xinference has set up its logging.
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import functools
 import inspect
@@ -344,8 +345,8 @@ def close_dropped_streams(model_actor: type) -> None:
     (``__xoscar_destroy_generator__``) without closing it, and a reference cycle through
     the cancelled call's traceback keeps it suspended until the garbage collector runs,
     which may be minutes. Only closing it stops the generation behind it, so the
-    dropped generator is closed here, right away or, when another thread is inside it,
-    as soon as that thread leaves. Applied to ``xinference.core.model.ModelActor`` once it is
+    dropped generator is closed here, right away or, when a pull is inside it (another
+    thread, or an asynchronous generator's pending ``__anext__``), as soon as that pull returns. Applied to ``xinference.core.model.ModelActor`` once it is
     defined, in every process where the registration is armed (model processes use it).
     """
     original = model_actor.__xoscar_destroy_generator__
@@ -357,6 +358,8 @@ def close_dropped_streams(model_actor: type) -> None:
         result = await original(self, generator_uid)
         if inspect.isgenerator(dropped) and dropped.gi_frame is not None:
             _close_when_free(dropped)
+        elif inspect.isasyncgen(dropped) and dropped.ag_frame is not None:
+            asyncio.get_running_loop().create_task(_aclose_when_free(dropped))
         return result
 
     setattr(__xoscar_destroy_generator__, _WRAPPED_MARK, True)
@@ -378,6 +381,12 @@ def _close_when_free(generator, poll_s: float = 0.02) -> None:
                 time.sleep(poll_s)
 
     threading.Thread(target=retry, name="ovis2-close-dropped-stream", daemon=True).start()
+
+
+async def _aclose_when_free(generator, poll_s: float = 0.02) -> None:
+    while generator.ag_running:  # a pull is waiting inside it for its next token
+        await asyncio.sleep(poll_s)
+    await generator.aclose()
 
 
 def activate() -> bool:
