@@ -26,7 +26,7 @@ its OpenMP threads, pixel values' cast to the vision tower's dtype included. lib
 briefly, instead of sleeping, at the barriers of a parallel region only while it manages no
 more threads than there are cores; one more thread keeping an OpenMP team of its own (a
 request thread of Xinference's pool that once cast an image, say) makes its threads sleep at
-every barrier, and on 2 cores a decode step then takes 12 % longer (``docs/architecture.md``).
+every barrier, and on 2 cores a decode step then runs at about 0.9x its speed (``docs/architecture.md``).
 """
 
 from __future__ import annotations
