@@ -309,38 +309,55 @@ def test_max_num_seqs_must_be_positive(tiny_model):
         scheduler(tiny_model, max_num_seqs=0)
 
 
-def _os_threads() -> int:
+_TEAM_PROBE = """
+import json, os, time, torch
+from concurrent.futures import ThreadPoolExecutor
+from ovis2_xinf.batching import run_in_own_thread
+
+def threads():
     return len(os.listdir("/proc/self/task"))
+
+def settled(expected):  # a thread that ended in Python still exits in the OS, its team with it
+    deadline = time.monotonic() + 3.0
+    while threads() != expected and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return threads()
+
+def compute():
+    (torch.ones(1 << 22) * 2).sum()
+
+with ThreadPoolExecutor(1) as pool:  # what asyncio.to_thread runs on
+    pool.submit(lambda: None).result()
+    before = threads()
+    pool.submit(run_in_own_thread, compute).result()
+    ours = settled(before)
+    pool.submit(compute).result()
+    plain = settled(before)
+print(json.dumps({"before": before, "ours": ours, "plain": plain, "torch_threads": torch.get_num_threads()}))
+"""
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task") or torch.get_num_threads() < 2,
                     reason="counts OS threads in /proc; needs torch to compute on more than one thread")
 def test_work_in_a_passing_thread_leaves_no_openmp_team_in_the_calling_pool_thread():
     """Xinference calls ``load`` on a pool thread that stays; the OpenMP workers torch starts for
-    a thread that computes stay with it, unless the work ran on a thread of its own."""
-    from concurrent.futures import ThreadPoolExecutor
+    a thread that computes stay with it, unless the work ran on a thread of its own. Counted in a
+    fresh process, where no other test's threads come and go."""
+    import subprocess
+    import sys
 
-    from ovis2_xinf.model import _in_own_thread
-
-    def compute() -> None:
-        (torch.ones(1 << 22) * 2).sum()
-
-    with ThreadPoolExecutor(1) as pool:  # what asyncio.to_thread runs on
-        pool.submit(lambda: None).result()
-        before = _os_threads()
-        pool.submit(_in_own_thread, compute).result()
-        after_ours = _os_threads()
-        pool.submit(compute).result()
-        after_plain = _os_threads()
-    assert after_ours == before
-    assert after_plain == before + torch.get_num_threads() - 1  # the team that stays, without the helper
+    probe = subprocess.run([sys.executable, "-c", _TEAM_PROBE], capture_output=True, text=True, timeout=120)
+    assert probe.returncode == 0, probe.stderr
+    counts = json.loads(probe.stdout.strip().splitlines()[-1])
+    assert counts["ours"] == counts["before"], counts
+    assert counts["plain"] == counts["before"] + counts["torch_threads"] - 1, counts  # the team that stays
 
 
 def test_work_in_a_passing_thread_raises_its_error():
-    from ovis2_xinf.model import _in_own_thread
+    from ovis2_xinf.batching import run_in_own_thread
 
     def fail() -> None:
         raise OSError("model.safetensors: missing")
 
     with pytest.raises(OSError, match="model.safetensors: missing"):
-        _in_own_thread(fail)
+        run_in_own_thread(fail)

@@ -624,6 +624,26 @@ def _decoder_layers(model: Any) -> List[Any]:
     return list(layers)
 
 
+def run_in_own_thread(work: Callable[[], None]) -> None:
+    """Run ``work`` on a thread that ends with it, so that the OpenMP team torch gives a thread
+    that computes goes with it: Xinference calls ``load`` on a thread of its pool that stays,
+    and one team left there makes every decode step's threads sleep at each barrier (see the
+    module's docstring)."""
+    failure: List[BaseException] = []
+
+    def run() -> None:
+        try:
+            work()
+        except BaseException as exc:
+            failure.append(exc)
+
+    thread = threading.Thread(target=run, name="ovis2-compute-once")
+    thread.start()
+    thread.join()
+    if failure:
+        raise failure[0]
+
+
 def default_kv_budget(device: torch.device, fraction: float = 0.25) -> int:
     """Bytes the KV cache may take when the launch does not say: a share of free memory."""
     if device.type == "cuda":

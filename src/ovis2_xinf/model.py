@@ -26,14 +26,14 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, AsyncIterator, Dict, List, Optional, Tuple, Union
 
 import torch
 from xinference.model.llm.transformers.core import PytorchChatModel
 
 from .checkpoint import config_digest_note, tokens_per_crop
 from .errors import Ovis2RequestError
-from .batching import BatchScheduler, RowOptions, default_kv_budget, kv_bytes_per_token
+from .batching import BatchScheduler, RowOptions, default_kv_budget, kv_bytes_per_token, run_in_own_thread
 from .generation import SamplingPlan, TextEvent, plan_sampling, stream_text
 from .logprobs import TokenText
 from .logprobs import content as logprob_content
@@ -52,26 +52,6 @@ SUPPORTED_FORMATS = ("pytorch", "gptq")
 KV_BUDGET_ENV = "OVIS2_XINF_KV_CACHE_BUDGET_MIB"
 REUSE_BUDGET_ENV = "OVIS2_XINF_REUSE_CACHE_MIB"
 SPECIAL_TOKENS = ("<|im_end|>", "<|endoftext|>")
-
-
-def _in_own_thread(work: Callable[[], None]) -> None:
-    """Run ``work`` on a thread that ends with it, so that the OpenMP team torch gives a thread
-    that computes goes with it: Xinference calls ``load`` on a thread of its pool that stays,
-    and one team left there makes every decode step's threads sleep at each barrier (see
-    :mod:`ovis2_xinf.batching`)."""
-    failure: List[BaseException] = []
-
-    def run() -> None:
-        try:
-            work()
-        except BaseException as exc:
-            failure.append(exc)
-
-    thread = threading.Thread(target=run, name="ovis2-load")
-    thread.start()
-    thread.join()
-    if failure:
-        raise failure[0]
 
 
 def _dtype(name: Any, device: str) -> torch.dtype:
@@ -162,7 +142,7 @@ class Ovis2NativeChatModel(PytorchChatModel):
         return device, max_memory
 
     def load(self) -> None:
-        _in_own_thread(self._load)
+        run_in_own_thread(self._load)
 
     def _load(self) -> None:
         from .loader import load_model
