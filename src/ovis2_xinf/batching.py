@@ -105,9 +105,10 @@ class _Row:
     def send(self, item: Union[int, BaseException, None]) -> None:
         """Hand a token, an error or the end to the consumer."""
         self.outbox.put(item)
-        if self.notify is not None:
+        notify = self.notify  # read once: the consumer clears it when it leaves
+        if notify is not None:
             try:
-                self.notify()
+                notify()
             except RuntimeError:  # its event loop has closed: nobody is reading any more
                 self.cancelled.set()
 
