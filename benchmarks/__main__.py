@@ -167,6 +167,9 @@ def run_scheduler(args, paths) -> Dict[str, Any]:
           f"while another thread keeps an OpenMP team {team['beside_team_tok_s']:.2f} tok/s "
           f"({_num(team['beside_team_cores'])} cores, {team['beside_over_alone']:.2f}x); "
           f"after it ended {team['after_thread_ended_tok_s']:.2f} tok/s")
+    pad = result["padding"]
+    print(f"direct steps at {pad['batch']} rows: aligned {pad['aligned_tok_s']:.2f} tok/s, left-padded as in a running "
+          f"batch {pad['padded_tok_s']:.2f} tok/s ({pad['padded_over_aligned']:.2f}x)")
     return result
 
 

@@ -336,10 +336,11 @@ class Direct:
             self._prefilled[work.name] = (out.past_key_values, first, int(inputs["input_ids"].shape[1]), min(times))
         return self._prefilled[work.name]
 
-    def decode(self, work: Workload, batch: int) -> Dict[str, Any]:
+    def decode(self, work: Workload, batch: int, padded: bool = False) -> Dict[str, Any]:
         """Decode steps at ``batch``, and the whole workload's rate: ``batch`` prefills one after
         another (batching them saves little on a CPU, where a prefill is compute-bound), then the
-        steps, ``max_tokens`` each."""
+        steps, ``max_tokens`` each. ``padded``: row i masks its first i columns, as a row that
+        joined a running batch i steps late is left-padded, so the model gets a padding mask."""
         base, first, length, prefill_s = self._prefill(work)
         model = self.loaded.model
         steps = max(1, work.max_tokens - 1)
@@ -349,11 +350,15 @@ class Direct:
                 layer.keys = layer.keys.repeat(batch, 1, 1, 1)
                 layer.values = layer.values.repeat(batch, 1, 1, 1)
             ids = first.repeat(batch, 1)
+            pads = torch.arange(batch).unsqueeze(1)
 
             def step():
                 nonlocal ids, length
                 mask = torch.ones(batch, length + 1, dtype=torch.long)
                 positions = torch.full((batch, 1), length, dtype=torch.long)
+                if padded:
+                    mask = (torch.arange(length + 1).unsqueeze(0) >= pads).long()
+                    positions = positions - pads
                 out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
                             use_cache=True, logits_to_keep=1)
                 ids = out.logits[:, -1].argmax(-1, keepdim=True)
@@ -495,7 +500,9 @@ def scheduler_alone(path: Path, smoke: bool) -> Dict[str, Any]:
     """The batching scheduler without the server: N threads submit the chat prompt to a
     ``BatchScheduler`` on the model loaded in this process, greedy, every row ``max_tokens``
     long. Its decode rate while every row decodes (``scheduler_tok_s``) against the direct
-    batched forward at N tells the scheduler's own cost apart from the serving stack's."""
+    batched forward at N tells the scheduler's own cost apart from the serving stack's.
+    ``padding``: the direct steps at the top level with rows left-padded as a running batch's
+    are, against aligned rows (the direct baseline's case)."""
     from ovis2_xinf.batching import BatchScheduler, kv_bytes_per_token
     from ovis2_xinf.generation import SamplingPlan
 
@@ -513,6 +520,9 @@ def scheduler_alone(path: Path, smoke: bool) -> Dict[str, Any]:
     rows = []
     try:
         team = lingering_team_cost(direct, work, max(levels) if smoke else 8)
+        plain, padded = direct.decode(work, max(levels)), direct.decode(work, max(levels), padded=True)
+        padding = {"batch": max(levels), "aligned_tok_s": plain["direct_tok_s"], "padded_tok_s": padded["direct_tok_s"],
+                   "padded_over_aligned": padded["direct_tok_s"] / plain["direct_tok_s"]}
         for level in levels:
             with ThreadPoolExecutor(level) as pool:
                 streams = list(pool.map(one, range(level)))
@@ -523,7 +533,7 @@ def scheduler_alone(path: Path, smoke: bool) -> Dict[str, Any]:
     finally:
         scheduler.close()
     return {"max_tokens": work.max_tokens, "prompt_tokens": int(inputs["input_ids"].shape[1]), "rows": rows,
-            "openmp_team": team}
+            "openmp_team": team, "padding": padding}
 
 
 def lingering_team_cost(direct: "Direct", work: Workload, batch: int) -> Dict[str, Any]:

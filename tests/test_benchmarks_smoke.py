@@ -45,6 +45,7 @@ def test_benchmarks_smoke(tmp_path):
     assert [r["concurrency"] for r in rows] == [1, 2] and all(r["direct_tok_s"] > 0 for r in rows)
     team = sections["scheduler"]["openmp_team"]
     assert team["alone_tok_s"] > 0 and team["beside_team_tok_s"] > 0 and team["after_thread_ended_tok_s"] > 0
+    assert sections["scheduler"]["padding"]["padded_tok_s"] > 0
     multiturn = sections["multiturn"]
     assert [r["turn"] for r in multiturn["rows"]] == [1, 2]
     for row in multiturn["rows"]:
