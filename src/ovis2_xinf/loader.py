@@ -16,6 +16,7 @@ from typing import Any, Callable, Dict, Optional, Set, Union
 import torch
 from torch import nn
 
+from .attention import text_attention
 from .checkpoint import (
     CheckpointError,
     OriginalCheckpoint,
@@ -189,6 +190,7 @@ def load_model(
     if attention == "flash_attention_2" and attn_implementation:
         attention = choose_attention(attention, device)
     config = native_config(checkpoint, len(tokenizer), attention)
+    config.text_config._attn_implementation = text_attention(attention, device)
     model = build_empty_model(config)
     special = None
     if quantization_loader is not None:

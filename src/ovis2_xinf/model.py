@@ -194,7 +194,7 @@ class Ovis2NativeChatModel(PytorchChatModel):
             logger.warning("Ovis2 %s: %s", self.model_spec.model_id, note)
         logger.info(
             "Ovis2 loaded from %s on %s (%s, attention %s, context %d)",
-            self.model_path, device, dtype, loaded.model.config._attn_implementation, self._context_length,
+            self.model_path, device, dtype, loaded.model.config.text_config._attn_implementation, self._context_length,
         )
 
     def _start_scheduler(self, config: Dict[str, Any], loaded) -> BatchScheduler:
