@@ -42,24 +42,34 @@ def greedy(length: int, max_tokens: int = GEN["max_new_tokens"], **extra):
                          GEN["eos_token_id"], GEN["pad_token_id"], length, 32768)
 
 
-def scheduler(loaded, max_num_seqs: int = 8, budget: int = 1 << 30) -> BatchScheduler:
-    return BatchScheduler(loaded.model, max_num_seqs, budget, kv_bytes_per_token(loaded.model.config, loaded.dtype))
+def scheduler(loaded, max_num_seqs: int = 8, budget: int = 1 << 30, prefill_slice=None) -> BatchScheduler:
+    return BatchScheduler(loaded.model, max_num_seqs, budget, kv_bytes_per_token(loaded.model.config, loaded.dtype),
+                          prefill_slice=prefill_slice)
+
+
+def layer_count(loaded) -> int:
+    """Layers where a prefill can pause: the vision encoder's and the language model's."""
+    vision = loaded.model.model.vision_tower.transformer.encoder.layers
+    return len(vision) + len(loaded.model.model.get_decoder().layers)
 
 
 def tokens(stream) -> list:
     return [t for batch in stream for t in batch]
 
 
-@pytest.mark.parametrize("width", [4, 8])
-def test_every_golden_case_in_mixed_batches_gives_its_greedy_tokens(tiny_model, width):
-    sched = scheduler(tiny_model, max_num_seqs=width)
+@pytest.mark.parametrize("width, prefill_slice", [(4, None), (8, None), (6, 0.0)])
+def test_every_golden_case_in_mixed_batches_gives_its_greedy_tokens(tiny_model, width, prefill_slice):
+    """``prefill_slice`` 0: every prefill next to decoding rows pauses at each layer for a decode step."""
+    sched = scheduler(tiny_model, max_num_seqs=width, prefill_slice=prefill_slice)
     try:
         order = NAMES[::-1] if width == 4 else NAMES  # different neighbours in each run
         streams = [(n, sched.submit(case_inputs(tiny_model, n), greedy(case_inputs(tiny_model, n)["input_ids"].shape[1])))
                    for n in order]
         for name, stream in streams:
             assert tokens(stream) == GOLDEN["cases"][name]["greedy_ids"], name
-        assert sched.stats.max_batch >= min(width, 4)  # the rows really decoded together
+        # the rows really decoded together; with pausing prefills, short answers end before all have joined
+        assert sched.stats.max_batch >= (min(width, 4) if prefill_slice is None else 2)
+        assert (sched.stats.steps_in_prefills > 0) == (prefill_slice is not None)
     finally:
         sched.close()
 
@@ -214,6 +224,58 @@ def test_a_request_arriving_mid_step_is_prefilled_before_that_step_ends(tiny_mod
         sched.close()
 
 
+def test_a_long_prefill_gives_way_to_decode_steps_and_changes_no_answer(tiny_model):
+    sched = scheduler(tiny_model, prefill_slice=0.0)
+    try:
+        long_inputs, joiner = case_inputs(tiny_model, "single_large"), case_inputs(tiny_model, "multi_image")
+        solo = tokens(sched.submit(long_inputs, greedy(10**3, 200, ignore_eos=True)))
+        assert sched.stats.steps_in_prefills == 0  # alone, nothing waits for its prefill
+        long_one = sched.submit(long_inputs, greedy(10**3, 200, ignore_eos=True))
+        first = next(long_one)
+        assert tokens(sched.submit(joiner, greedy(joiner["input_ids"].shape[1]))) == GOLDEN["cases"]["multi_image"]["greedy_ids"]
+        assert first + tokens(long_one) == solo  # the steps run inside the prefill left the row's answer alone
+        assert sched.stats.steps_in_prefills == layer_count(tiny_model)  # one step before each layer
+    finally:
+        sched.close()
+
+
+def test_a_prefill_whose_consumer_left_stops_at_its_next_layer(tiny_model):
+    import asyncio
+
+    sched = scheduler(tiny_model)
+    reached, go = threading.Event(), threading.Event()
+
+    def hold(module, args):
+        if not go.is_set():
+            reached.set()
+            go.wait(30)
+
+    hook = tiny_model.model.model.vision_tower.transformer.encoder.layers[0].register_forward_pre_hook(hold)
+
+    async def leave_during_the_vision_pass():
+        stream = sched.submit_async(case_inputs(tiny_model, "single_large"), greedy(10**3, 8))
+        first = asyncio.ensure_future(stream.__anext__())
+        await asyncio.sleep(0)  # the stream starts waiting for its first token
+        assert await asyncio.get_running_loop().run_in_executor(None, reached.wait, 30)
+        first.cancel()  # the client goes while its image is in the vision tower
+        with pytest.raises(asyncio.CancelledError):
+            await first
+
+    try:
+        asyncio.run(leave_during_the_vision_pass())
+        go.set()
+        deadline = time.monotonic() + 30
+        while sched.busy and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert sched.stats.abandoned_prefills == 1 and sched.stats.steps == 0
+        after = case_inputs(tiny_model, "single_tiny")
+        assert tokens(sched.submit(after, greedy(after["input_ids"].shape[1]))) == GOLDEN["cases"]["single_tiny"]["greedy_ids"]
+    finally:
+        go.set()
+        hook.remove()
+        sched.close()
+
+
 def test_closing_a_stream_ends_its_row_only(tiny_model):
     sched = scheduler(tiny_model)
     try:
@@ -307,6 +369,23 @@ def test_a_failing_prefill_fails_its_request_only(tiny_model):
 def test_max_num_seqs_must_be_positive(tiny_model):
     with pytest.raises(ValueError, match="max_num_seqs: must be at least 1"):
         scheduler(tiny_model, max_num_seqs=0)
+    with pytest.raises(ValueError, match="prefill_slice: must be 0 s or more"):
+        scheduler(tiny_model, prefill_slice=-1.0)
+
+
+def test_prefill_slice_option(monkeypatch):
+    from ovis2_xinf.model import DEFAULT_PREFILL_SLICE_S, PREFILL_SLICE_ENV, prefill_slice_option
+
+    monkeypatch.delenv(PREFILL_SLICE_ENV, raising=False)
+    assert prefill_slice_option({}) == DEFAULT_PREFILL_SLICE_S
+    assert prefill_slice_option({"prefill_slice_ms": "250"}) == 0.25
+    assert prefill_slice_option({"prefill_slice_ms": 0}) is None  # off: a prefill never pauses
+    monkeypatch.setenv(PREFILL_SLICE_ENV, "40")
+    assert prefill_slice_option({}) == 0.04
+    assert prefill_slice_option({"prefill_slice_ms": 500}) == 0.5  # the launch option wins
+    for bad in ("-5", "soon", "nan", "inf"):
+        with pytest.raises(ValueError, match=f"prefill_slice_ms / {PREFILL_SLICE_ENV}: "):
+            prefill_slice_option({"prefill_slice_ms": bad})
 
 
 _TEAM_PROBE = """

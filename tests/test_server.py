@@ -356,6 +356,45 @@ def test_more_requests_than_xinference_pool_threads_decode_together(server, clie
     assert peaks and max(peaks) >= pool + 2, (peaks, pool)
 
 
+def test_image_prefills_pausing_for_decode_steps_change_no_answer(server, client, uid, tokenizer, cases):
+    """``--prefill_slice_ms`` tiny: each prefill next to a decoding stream pauses at every layer."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pausing = server.launch("--model-engine", "transformers", "--model-name", "Ovis2", "--size-in-billions", "2",
+                            "--model-format", "pytorch", "--model-path", str(TINY), "--model-uid", "ovis2-pausing",
+                            "--prefill_slice_ms", "0.001")
+    images = CASES_DIR / "images"
+    asks = {
+        "single_wide": [image_part(data_url(images / "wide.png")), text_part("Describe the image.")],
+        "multi_image": [image_part(data_url(images / "wide.png")), image_part(data_url(images / "tall.png")),
+                        text_part("Compare them.")],
+    }
+    long_ask = dict(messages=[{"role": "user", "content": "count"}], max_tokens=300, temperature=0,
+                    extra_body={"ignore_eos": True, "repetition_penalty": 1.0})
+    try:
+        log = Path(server.log_path)
+        offset = log.stat().st_size
+        solo = client.chat.completions.create(model=pausing, **long_ask).choices[0].message.content
+        stream = client.chat.completions.create(model=pausing, **long_ask, stream=True)
+        pieces = [next(iter(stream)).choices[0].delta.content or ""]  # the stream is decoding now
+
+        def ask(name: str) -> str:
+            content = asks[name]
+            return client.chat.completions.create(model=pausing, max_tokens=8, **GREEDY,
+                                                  messages=[{"role": "user", "content": content}]).choices[0].message.content
+
+        with ThreadPoolExecutor(2) as pool:
+            answers = dict(zip(asks, pool.map(ask, asks)))
+        pieces += [c.choices[0].delta.content or "" for c in stream if c.choices]
+        assert answers == {n: expected_text(tokenizer, cases[n]) for n in asks}
+        assert "".join(pieces) == solo  # the decode steps run inside the prefills left the stream's answer alone
+        with log.open() as handle:
+            handle.seek(offset)
+            assert re.search(r"a prefill paused \d+ times for a decode step", handle.read())
+    finally:
+        server.xinference("terminate", "--model-uid", pausing)
+
+
 def test_turn_two_with_reuse_equals_a_model_without_reuse(server, client, uid):
     cold = server.launch("--model-engine", "transformers", "--model-name", "Ovis2", "--size-in-billions", "2",
                          "--model-format", "pytorch", "--model-path", str(TINY), "--model-uid", "ovis2-no-reuse",

@@ -9,6 +9,15 @@ the rows already decoding always progress). A row leaves the batch as soon
 as it finishes (eos, ``max_tokens``) or its consumer stops reading (a stop string found, a
 client gone), and its memory goes with it.
 
+A long prefill (an image through the vision tower takes seconds on a CPU) does not stop the
+running rows for its whole length: it runs in a greenlet on the scheduler's thread, and at a
+vision-encoder or decoder layer, once it has run ``prefill_slice`` seconds since the last decode
+step, it hands the thread back for one decode step of the batch, then goes on where it stopped.
+A greenlet, not a thread: the pause needs no lock, and no second thread gets an OpenMP team (see
+Threads). Each greenlet has its own ``contextvars`` context, so transformers' output capture of
+the paused forward and of the decode step stay apart. A prefill whose consumer has gone stops at
+its next layer.
+
 Rows of different lengths share one cache by left padding: each row's keys and values end at
 the last column, the columns before its own start are masked out, and its positions count
 its own tokens only, so a row computes what it would alone (up to float rounding of batched
@@ -33,12 +42,15 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextvars
 import logging
 import queue
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Deque, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
+import greenlet
 import torch
 
 from .generation import SamplingPlan
@@ -53,6 +65,10 @@ class _Preempted(BaseException):
     """Raised at a decoder layer of a decode step when a waiting request should be prefilled first.
 
     A ``BaseException``, so no ``except Exception`` on the way out of the forward swallows it."""
+
+
+class _Abandoned(BaseException):
+    """Raised at a layer of a prefill whose consumer has stopped reading: its work is wasted."""
 
 
 @dataclass
@@ -295,6 +311,8 @@ class SchedulerStats:
     max_batch: int = 0
     waits_for_budget: int = 0
     preemptions: int = 0  # decode steps stopped part-way so that a newcomer is prefilled first
+    steps_in_prefills: int = 0  # decode steps run while a long prefill paused
+    abandoned_prefills: int = 0  # prefills stopped at a layer because their consumer had gone
     sizes: Dict[int, int] = field(default_factory=dict)
 
 
@@ -302,9 +320,13 @@ class BatchScheduler:
     """Runs every generation of one model, batching their decode steps."""
 
     def __init__(self, model: Any, max_num_seqs: int, kv_budget_bytes: int, bytes_per_token: int,
-                 reuse: Optional[ReuseCache] = None, name: str = "ovis2-batch"):
+                 reuse: Optional[ReuseCache] = None, name: str = "ovis2-batch",
+                 prefill_slice: Optional[float] = None):
         if max_num_seqs < 1:
             raise ValueError(f"max_num_seqs: must be at least 1, got {max_num_seqs}")
+        if prefill_slice is not None and prefill_slice < 0:
+            raise ValueError(f"prefill_slice: must be 0 s or more (None: a prefill never pauses), got {prefill_slice}")
+        self.prefill_slice = prefill_slice
         self.model = model
         self.max_num_seqs = max_num_seqs
         self.kv_budget_bytes = kv_budget_bytes
@@ -313,6 +335,7 @@ class BatchScheduler:
         self.reuse = reuse if reuse is not None and reuse.enabled else None
         self._indicators: Optional[torch.Tensor] = None
         self._waiting: Deque[_Row] = collections.deque()
+        self._admitted: List[_Row] = []  # out of the waiting line, not yet in the batch
         self._active: List[_Row] = []
         self._batch = KVBatch()
         self._wake = threading.Condition()
@@ -321,7 +344,11 @@ class BatchScheduler:
         self._pixels = _vision_placement(model)
         self._preemptible = False  # true while a decode step may be stopped for a newcomer
         self._redo = False  # the step now due reruns one that was stopped: it runs to its end
-        self._hooks = [layer.register_forward_pre_hook(self._preempt_for_newcomer) for layer in _decoder_layers(model)]
+        self._prefill_task: Optional[greenlet.greenlet] = None  # the prefill under way, paused or running
+        self._prefilling: Optional[_Row] = None
+        self._slice_start = 0.0
+        layers = _decoder_layers(model) + _vision_layers(model)
+        self._hooks = [layer.register_forward_pre_hook(self._at_layer) for layer in layers]
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -416,8 +443,9 @@ class BatchScheduler:
 
     @property
     def busy(self) -> bool:
+        """Whether any request has not ended yet (waiting, being prefilled, or decoding)."""
         with self._wake:
-            return bool(self._active or self._waiting)
+            return bool(self._active or self._waiting or self._admitted)
 
     # --- the scheduler thread ----------------------------------------------------------
 
@@ -428,7 +456,26 @@ class BatchScheduler:
         longest = max([r.peak_tokens for r in self._active] + [row.peak_tokens])
         return rows * longest * self.bytes_per_token <= self.kv_budget_bytes
 
-    def _preempt_for_newcomer(self, module: Any, args: Any) -> None:
+    def _at_layer(self, module: Any, args: Any) -> None:
+        if greenlet.getcurrent() is self._prefill_task:
+            self._pause_prefill()
+        else:
+            self._preempt_for_newcomer()
+
+    def _pause_prefill(self) -> None:
+        """In a prefill: give way to one decode step once this slice is used up, or stop if unwanted."""
+        row = self._prefilling
+        if row.cancelled.is_set():
+            raise _Abandoned
+        if self.prefill_slice is None or not self._active:
+            return
+        if time.perf_counter() - self._slice_start < self.prefill_slice:
+            return
+        self._prefill_task.parent.switch()
+        if row.cancelled.is_set():
+            raise _Abandoned
+
+    def _preempt_for_newcomer(self) -> None:
         """Stop the running decode step if the first waiting request would be admitted now.
 
         Only the scheduler thread pops the waiting line, so its head is safe to read here."""
@@ -461,6 +508,7 @@ class BatchScheduler:
                         self.stats.waits_for_budget += 1
                     break
                 admitted.append(self._waiting.popleft())
+            self._admitted = list(admitted)
         return admitted
 
     def _run(self) -> None:
@@ -476,10 +524,32 @@ class BatchScheduler:
                 continue
             for row in admitted:
                 self._prefill(row)
+            with self._wake:
+                self._admitted = []
             if self._active:
                 self._step()
 
     def _prefill(self, row: _Row) -> None:
+        """Prefill ``row``, running one decode step of the batch each time the prefill pauses."""
+        task = greenlet.greenlet(self._prefill_row)
+        task.gr_context = contextvars.copy_context()
+        self._prefill_task, self._prefilling = task, row
+        try:
+            self._slice_start = time.perf_counter()
+            task.switch(row)
+            pauses = 0
+            while not task.dead:
+                pauses += 1
+                self._step()
+                self._slice_start = time.perf_counter()
+                task.switch()
+        finally:
+            self._prefill_task = self._prefilling = None
+        if pauses:
+            self.stats.steps_in_prefills += pauses
+            logger.info("a prefill paused %d times for a decode step of the batch", pauses)
+
+    def _prefill_row(self, row: _Row) -> None:
         from transformers import DynamicCache
 
         self.stats.prefills += 1
@@ -492,6 +562,11 @@ class BatchScheduler:
             else:
                 out = self._prefill_reusing(row)
             token = row.choose(out.logits[0, -1])
+        except _Abandoned:
+            self.stats.abandoned_prefills += 1
+            logger.info("prefill stopped: its consumer stopped reading")
+            row.send(_END)
+            return
         except BaseException as exc:  # this request alone fails
             logger.warning("prefill failed: %s: %s", type(exc).__name__, exc)
             row.send(exc)
@@ -558,7 +633,7 @@ class BatchScheduler:
         positions = torch.tensor([[r.position] for r in rows], device=device)
         mask = self._batch.attention_mask(device)
         length = self._batch.length
-        self._preemptible, self._redo = not self._redo, False
+        self._preemptible, self._redo = not self._redo and self._prefill_task is None, False
         try:
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
                              past_key_values=self._batch.cache, use_cache=True, logits_to_keep=1)
@@ -620,6 +695,17 @@ def _decoder_layers(model: Any) -> List[Any]:
     layers = getattr(decoder, "layers", None)
     if layers is None:
         logger.warning("no decoder layers found on %s: a decode step runs to its end before a newcomer's prefill",
+                       type(model).__name__)
+        return []
+    return list(layers)
+
+
+def _vision_layers(model: Any) -> List[Any]:
+    """The vision encoder's layers, where a long prefill can pause for a decode step."""
+    tower = getattr(getattr(model, "model", None), "vision_tower", None)
+    layers = getattr(getattr(getattr(tower, "transformer", None), "encoder", None), "layers", None)
+    if layers is None:
+        logger.warning("no vision encoder layers found on %s: an image's vision pass runs without a pause",
                        type(model).__name__)
         return []
     return list(layers)

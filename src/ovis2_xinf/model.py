@@ -51,6 +51,10 @@ logger = logging.getLogger(__name__)
 SUPPORTED_FORMATS = ("pytorch", "gptq")
 KV_BUDGET_ENV = "OVIS2_XINF_KV_CACHE_BUDGET_MIB"
 REUSE_BUDGET_ENV = "OVIS2_XINF_REUSE_CACHE_MIB"
+PREFILL_SLICE_ENV = "OVIS2_XINF_PREFILL_SLICE_MS"
+# Long enough that a chat prompt's prefill (0.45 s on 1B shapes, 2 CPU cores) never pauses, so a
+# newcomer's TTFT under load stays that of its own prefill; an image prefill (4.8 s) pauses ~4 times.
+DEFAULT_PREFILL_SLICE_S = 1.0
 SPECIAL_TOKENS = ("<|im_end|>", "<|endoftext|>")
 
 
@@ -68,20 +72,39 @@ def _dtype(name: Any, device: str) -> torch.dtype:
     return value
 
 
-def _mib_option(config: Dict[str, Any], name: str, env: str, positive: bool) -> Optional[int]:
-    """A size in MiB from the launch option, else the environment, in bytes; None when neither."""
+def _number_option(config: Dict[str, Any], name: str, env: str, unit: str, positive: bool) -> Optional[float]:
+    """A number of ``unit`` from the launch option, else the environment; None when neither."""
     value = config.get(name)
     if value is None:
         value = os.environ.get(env)
     if value is None or value == "":
         return None
     try:
-        size = int(float(value) * (1 << 20))
+        number = float(value)
     except (TypeError, ValueError):
-        raise ValueError(f"{name} / {env}: not a number of MiB: {value!r}") from None
-    if size < 0 or (positive and size == 0):
+        raise ValueError(f"{name} / {env}: not a number of {unit}: {value!r}") from None
+    if not number >= 0 or (positive and number == 0) or number == float("inf"):
         raise ValueError(f"{name} / {env}: must be {'positive' if positive else '0 (off) or more'}, got {value!r}")
+    return number
+
+
+def _mib_option(config: Dict[str, Any], name: str, env: str, positive: bool) -> Optional[int]:
+    """A size in MiB from the launch option, else the environment, in bytes; None when neither."""
+    number = _number_option(config, name, env, "MiB", positive)
+    if number is None:
+        return None
+    size = int(number * (1 << 20))
+    if positive and size == 0:
+        raise ValueError(f"{name} / {env}: must be positive, got {number!r} (under a byte)")
     return size
+
+
+def prefill_slice_option(config: Dict[str, Any]) -> Optional[float]:
+    """Seconds a prefill may run while batch rows wait for their next token; None: it never pauses."""
+    number = _number_option(config, "prefill_slice_ms", PREFILL_SLICE_ENV, "milliseconds", positive=False)
+    if number is None:
+        return DEFAULT_PREFILL_SLICE_S
+    return number / 1000 if number else None
 
 
 def _finish_reason(reason: str, options: RowOptions) -> str:
@@ -207,10 +230,14 @@ class Ovis2NativeChatModel(PytorchChatModel):
         reuse_budget = _mib_option(config, "reuse_cache_mib", REUSE_BUDGET_ENV, positive=False)
         self._reuse = ReuseCache(default_reuse_budget(device) if reuse_budget is None else reuse_budget)
         per_token = kv_bytes_per_token(loaded.model.config, loaded.dtype)
-        logger.info("Ovis2 batching: up to %d sequences, KV budget %.0f MiB (%d tokens at %d bytes); reuse %s",
+        prefill_slice = prefill_slice_option(config)
+        logger.info("Ovis2 batching: up to %d sequences, KV budget %.0f MiB (%d tokens at %d bytes); reuse %s; "
+                    "a prefill pauses for a decode step %s",
                     max_num_seqs, budget / (1 << 20), budget // per_token, per_token,
-                    f"up to {self._reuse.budget_bytes / (1 << 20):.0f} MiB" if self._reuse.enabled else "off")
-        return BatchScheduler(loaded.model, max_num_seqs, budget, per_token, reuse=self._reuse)
+                    f"up to {self._reuse.budget_bytes / (1 << 20):.0f} MiB" if self._reuse.enabled else "off",
+                    "never" if prefill_slice is None else f"every {prefill_slice * 1000:.0f} ms")
+        return BatchScheduler(loaded.model, max_num_seqs, budget, per_token, reuse=self._reuse,
+                              prefill_slice=prefill_slice)
 
     def stop(self) -> None:
         scheduler = getattr(self, "_scheduler", None)
