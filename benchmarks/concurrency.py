@@ -464,8 +464,10 @@ def verdict(result: Dict[str, Any]) -> Dict[str, Any]:
     ``served / direct`` is judged on the whole workload (``e2e_over_direct``: prefills included on
     both sides), the only comparison that is fair to a vision prompt whose prefill outweighs its
     decode on a CPU; the decode-only ratio (``steady_over_direct``, levels where every request
-    decoded at once for a while) is judged too. The 8-over-1 scaling is the served whole-workload
-    rate's, shown next to the direct limit's own.
+    decoded at once for a while) is judged too. The 8-over-1 scaling is judged on the decode rate
+    while every request decodes (``steady_tok_s``: the issue's "aggregate decode tok/s", and what
+    its own 3.2x at 8 measured: decode steps); the whole workload's scaling, prefills included, is
+    reported beside it. Both come with the direct limit's own.
     """
     out: Dict[str, Any] = {}
     want = TARGETS["served_over_direct"]
@@ -473,19 +475,24 @@ def verdict(result: Dict[str, Any]) -> Dict[str, Any]:
         rows = {r["concurrency"]: r for r in work["rows"]}
         e2e = [r["e2e_over_direct"] for r in rows.values()]
         decode = [r["steady_over_direct"] for r in rows.values() if r["steady_over_direct"] is not None]
-        scaling = direct_scaling = None
+        scaling = direct_scaling = decode_scaling = direct_decode_scaling = None
         if 8 in rows and 1 in rows:
             scaling = rows[8]["served_e2e_tok_s"] / rows[1]["served_e2e_tok_s"]
             direct_scaling = rows[8]["direct_e2e_tok_s"] / rows[1]["direct_e2e_tok_s"]
+            if rows[8]["steady_tok_s"] and rows[1]["steady_tok_s"]:
+                decode_scaling = rows[8]["steady_tok_s"] / rows[1]["steady_tok_s"]
+            direct_decode_scaling = rows[8]["direct_tok_s"] / rows[1]["direct_tok_s"]
         out[name] = {
             "e2e_over_direct_min": min(e2e, default=None),
             "e2e_over_direct_met": bool(e2e) and min(e2e) >= want,
             "decode_over_direct_min": min(decode, default=None),
             "decode_levels": sorted(n for n, r in rows.items() if r["steady_over_direct"] is not None),
             "decode_over_direct_met": bool(decode) and min(decode) >= want,
-            "scaling_8_over_1": scaling,
-            "direct_scaling_8_over_1": direct_scaling,
-            "scaling_met": scaling is not None and scaling >= TARGETS["scaling_8_over_1"],
+            "decode_scaling_8_over_1": decode_scaling,
+            "direct_decode_scaling_8_over_1": direct_decode_scaling,
+            "scaling_met": decode_scaling is not None and decode_scaling >= TARGETS["scaling_8_over_1"],
+            "e2e_scaling_8_over_1": scaling,
+            "direct_e2e_scaling_8_over_1": direct_scaling,
         }
     load = result.get("ttft_under_load")
     if load:
@@ -502,7 +509,8 @@ def scheduler_alone(path: Path, smoke: bool) -> Dict[str, Any]:
     long. Its decode rate while every row decodes (``scheduler_tok_s``) against the direct
     batched forward at N tells the scheduler's own cost apart from the serving stack's.
     ``padding``: the direct steps at the top level with rows left-padded as a running batch's
-    are, against aligned rows (the direct baseline's case)."""
+    are, against aligned rows (the direct baseline's case). ``prefill_pauses``: see
+    :func:`prefill_pauses`."""
     from ovis2_xinf.batching import BatchScheduler, kv_bytes_per_token
     from ovis2_xinf.generation import SamplingPlan
 
@@ -520,6 +528,7 @@ def scheduler_alone(path: Path, smoke: bool) -> Dict[str, Any]:
     rows = []
     try:
         team = lingering_team_cost(direct, work, max(levels) if smoke else 8)
+        pauses = prefill_pauses(direct, smoke)
         plain, padded = direct.decode(work, max(levels)), direct.decode(work, max(levels), padded=True)
         padding = {"batch": max(levels), "aligned_tok_s": plain["direct_tok_s"], "padded_tok_s": padded["direct_tok_s"],
                    "padded_over_aligned": padded["direct_tok_s"] / plain["direct_tok_s"]}
@@ -533,7 +542,71 @@ def scheduler_alone(path: Path, smoke: bool) -> Dict[str, Any]:
     finally:
         scheduler.close()
     return {"max_tokens": work.max_tokens, "prompt_tokens": int(inputs["input_ids"].shape[1]), "rows": rows,
-            "openmp_team": team, "padding": padding}
+            "openmp_team": team, "padding": padding, "prefill_pauses": pauses}
+
+
+def prefill_pauses(direct: "Direct", smoke: bool) -> Dict[str, Any]:
+    """``batch`` chat rows decode when one vision request (the vision workload's prompt) arrives,
+    once with its prefill never pausing and once pausing every ``DEFAULT_PREFILL_SLICE_S`` (the
+    launch default). Per setting: the longest wait of a decoding row for its next token while the
+    image is prefilled (``longest_gap_s``), the rows' step time before it arrived (median gap), the
+    newcomer's TTFT, and its TTFT with nothing else running (``solo_ttft_s``)."""
+    from ovis2_xinf.batching import BatchScheduler, kv_bytes_per_token
+    from ovis2_xinf.generation import SamplingPlan
+    from ovis2_xinf.model import DEFAULT_PREFILL_SLICE_S
+
+    batch = 2 if smoke else 8
+    model = direct.loaded.model
+    chat, vision = direct.inputs(workloads(smoke)[0]), direct.inputs(workloads(smoke)[1])
+
+    def plan(tokens: int) -> SamplingPlan:
+        return SamplingPlan({"do_sample": False, "eos_token_id": [], "max_new_tokens": tokens}, None, [], tokens)
+
+    def ttft(scheduler: BatchScheduler) -> float:
+        start = time.perf_counter()
+        stream = scheduler.submit(dict(vision), plan(1))
+        next(stream)
+        elapsed = time.perf_counter() - start
+        stream.close()
+        return elapsed
+
+    out: Dict[str, Any] = {"batch": batch, "slice_s": DEFAULT_PREFILL_SLICE_S, "settings": {}}
+    for name, slice_s in (("never", None), ("default", DEFAULT_PREFILL_SLICE_S)):
+        scheduler = BatchScheduler(model, batch + 1, 1 << 40, kv_bytes_per_token(model.config, direct.loaded.dtype),
+                                   prefill_slice=slice_s)
+        stop = threading.Event()
+        arrivals: List[List[float]] = [[] for _ in range(batch)]
+
+        def decode(index: int) -> None:
+            for _ in scheduler.submit(dict(chat), plan(10**6)):
+                arrivals[index].append(time.perf_counter())
+                if stop.is_set():
+                    return
+
+        try:
+            solo = ttft(scheduler)
+            threads = [threading.Thread(target=decode, args=(i,), daemon=True) for i in range(batch)]
+            for thread in threads:
+                thread.start()
+            while min(len(a) for a in arrivals) < 6:  # every row decodes, a few steps each
+                time.sleep(0.01)
+            arrived = time.perf_counter()
+            loaded_ttft = ttft(scheduler)
+            first = arrived + loaded_ttft
+            time.sleep(2 * (arrivals[0][-1] - arrivals[0][-2]))  # the rows' next token after it
+            stop.set()
+            for thread in threads:
+                thread.join(60)
+        finally:
+            scheduler.close()
+        before = [b - a for times in arrivals for a, b in zip(times, times[1:]) if b < arrived]
+        during = [b - a for times in arrivals for a, b in zip(times, times[1:]) if b > arrived and a < first]
+        out["settings"][name] = {"solo_ttft_s": solo, "ttft_s": loaded_ttft, "step_s": float(np.median(before)),
+                                 "longest_gap_s": max(during), "pauses": scheduler.stats.steps_in_prefills}
+    never, default = out["settings"]["never"], out["settings"]["default"]
+    out["longest_gap_ratio"] = default["longest_gap_s"] / never["longest_gap_s"]
+    out["ttft_ratio"] = default["ttft_s"] / never["ttft_s"]
+    return out
 
 
 def lingering_team_cost(direct: "Direct", work: Workload, batch: int) -> Dict[str, Any]:

@@ -46,6 +46,9 @@ def test_benchmarks_smoke(tmp_path):
     team = sections["scheduler"]["openmp_team"]
     assert team["alone_tok_s"] > 0 and team["beside_team_tok_s"] > 0 and team["after_thread_ended_tok_s"] > 0
     assert sections["scheduler"]["padding"]["padded_tok_s"] > 0
+    pauses = sections["scheduler"]["prefill_pauses"]["settings"]
+    assert set(pauses) == {"never", "default"} and pauses["never"]["pauses"] == 0
+    assert all(r["longest_gap_s"] > 0 and r["ttft_s"] > 0 and r["solo_ttft_s"] > 0 for r in pauses.values())
     multiturn = sections["multiturn"]
     assert [r["turn"] for r in multiturn["rows"]] == [1, 2]
     for row in multiturn["rows"]:

@@ -76,12 +76,14 @@ def test_gptq_kernels_on_cuda_follow_the_original(variant, name, record_property
     assert tokens[0] == expected["greedy_ids"][0]
 
 
-def test_batched_float32_on_cuda_gives_every_case_its_greedy_tokens():
-    """Continuous batching on the GPU: all golden cases at once, each its reference tokens."""
+@pytest.mark.parametrize("prefill_slice", [None, 0.0])
+def test_batched_float32_on_cuda_gives_every_case_its_greedy_tokens(prefill_slice):
+    """Continuous batching on the GPU: all golden cases at once, each its reference tokens; with
+    ``prefill_slice`` 0, every prefill beside decoding rows pauses at each layer for a decode step."""
     from test_batching import GOLDEN, NAMES as ALL_CASES, case_inputs, greedy, scheduler, tokens
 
     loaded = load_model(TINY, torch.float32, "cuda")
-    sched = scheduler(loaded, max_num_seqs=8)
+    sched = scheduler(loaded, max_num_seqs=8, prefill_slice=prefill_slice)
     try:
         streams = {}
         for name in ALL_CASES:
@@ -89,7 +91,8 @@ def test_batched_float32_on_cuda_gives_every_case_its_greedy_tokens():
             streams[name] = sched.submit(inputs, greedy(inputs["input_ids"].shape[1]))
         for name, stream in streams.items():
             assert tokens(stream) == GOLDEN["cases"][name]["greedy_ids"], name
-        assert sched.stats.max_batch >= 4
+        assert sched.stats.max_batch >= (4 if prefill_slice is None else 2)
+        assert (sched.stats.steps_in_prefills > 0) == (prefill_slice is not None)
     finally:
         sched.close()
 
@@ -101,7 +104,7 @@ def test_batched_decoding_over_a_device_map():
     gib, weights = 1 << 30, (TINY / "model.safetensors").stat().st_size
     loaded = load_model(TINY, torch.float32, "cuda:0", max_memory={0: weights // 2, 1: 8 * gib, "cpu": 8 * gib})
     assert len({p.device for p in loaded.model.parameters()}) > 1
-    sched = scheduler(loaded, max_num_seqs=4)
+    sched = scheduler(loaded, max_num_seqs=4, prefill_slice=0.0)  # prefills pausing, as on one device
     try:
         names = ("text_only", "single_wide", "multi_image", "video")
         streams = {n: sched.submit({k: v.to("cuda:0") for k, v in case_inputs(loaded, n).items()},
