@@ -177,6 +177,9 @@ def run_scheduler(args, paths) -> Dict[str, Any]:
     print(f"a vision request arriving while {pauses['batch']} chat rows decode:")
     print(_table([{"prefill pauses": name, **row} for name, row in pauses["settings"].items()],
                  ["prefill pauses", "step_s", "longest_gap_s", "ttft_s", "solo_ttft_s", "pauses"]))
+    print("linear kernels: direct decode steps with F.linear, then with each linear's kernel chosen per row count:")
+    print(_table(result["linear_kernels"], ["concurrency", "plain_tok_s", "chosen_tok_s", "chosen_over_plain",
+                                            "transposed", "linears"]))
     return result
 
 

@@ -542,7 +542,26 @@ def scheduler_alone(path: Path, smoke: bool) -> Dict[str, Any]:
     finally:
         scheduler.close()
     return {"max_tokens": work.max_tokens, "prompt_tokens": int(inputs["input_ids"].shape[1]), "rows": rows,
-            "openmp_team": team, "padding": padding, "prefill_pauses": pauses}
+            "openmp_team": team, "padding": padding, "prefill_pauses": pauses,
+            "linear_kernels": linear_kernels_gain(direct, work, levels)}
+
+
+def linear_kernels_gain(direct: "Direct", work: Workload, levels: Sequence[int]) -> List[Dict[str, Any]]:
+    """The direct decode steps at each level with plain ``F.linear``, then with every language-model
+    linear choosing its kernel per row count (``ovis2_xinf.linear_kernels``, as the served model
+    does on CPU; one untimed pass first, where the choices are timed). Run last: it changes the model."""
+    from ovis2_xinf.linear_kernels import choose_linear_kernels
+
+    plain = {level: direct.decode(work, level)["direct_tok_s"] for level in levels}
+    choosers = choose_linear_kernels(direct.loaded.model, max(levels))
+    rows = []
+    for level in levels:
+        direct.decode(work, level)
+        chosen = direct.decode(work, level)["direct_tok_s"]
+        rows.append({"concurrency": level, "plain_tok_s": plain[level], "chosen_tok_s": chosen,
+                     "chosen_over_plain": chosen / plain[level], "linears": len(choosers),
+                     "transposed": sum(bool(c.transposed.get(level)) for c in choosers)})
+    return rows
 
 
 def prefill_pauses(direct: "Direct", smoke: bool) -> Dict[str, Any]:

@@ -101,11 +101,15 @@ def test_gptq_cases_in_a_batch_match_their_solo_runs(bits):
 
 
 def test_a_batched_decode_step_gives_each_row_its_solo_logits(tiny_model):
+    assert_merged_step_matches_solo(tiny_model)
+
+
+def assert_merged_step_matches_solo(loaded) -> None:
     """Left padding, masks and positions: a merged step computes what each row computes alone."""
     from transformers import DynamicCache
 
-    model = tiny_model.model
-    rows = [case_inputs(tiny_model, n) for n in ("text_only", "single_wide", "multi_turn")]
+    model = loaded.model
+    rows = [case_inputs(loaded, n) for n in ("text_only", "single_wide", "multi_turn")]
     batch, solo_logits, next_ids, positions = KVBatch(), [], [], []
     with torch.inference_mode():
         for inputs in rows:

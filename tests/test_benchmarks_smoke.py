@@ -49,6 +49,8 @@ def test_benchmarks_smoke(tmp_path):
     pauses = sections["scheduler"]["prefill_pauses"]["settings"]
     assert set(pauses) == {"never", "default"} and pauses["never"]["pauses"] == 0
     assert all(r["longest_gap_s"] > 0 and r["ttft_s"] > 0 and r["solo_ttft_s"] > 0 for r in pauses.values())
+    kernels = sections["scheduler"]["linear_kernels"]
+    assert [r["concurrency"] for r in kernels] == [1, 2] and all(r["chosen_tok_s"] > 0 for r in kernels)
     multiturn = sections["multiturn"]
     assert [r["turn"] for r in multiturn["rows"]] == [1, 2]
     for row in multiturn["rows"]:

@@ -34,6 +34,7 @@ from xinference.model.llm.transformers.core import PytorchChatModel
 from .checkpoint import config_digest_note, tokens_per_crop
 from .errors import Ovis2RequestError
 from .batching import BatchScheduler, RowOptions, default_kv_budget, kv_bytes_per_token, run_in_own_thread
+from .linear_kernels import choose_linear_kernels
 from .generation import SamplingPlan, TextEvent, plan_sampling, stream_text
 from .logprobs import TokenText
 from .logprobs import content as logprob_content
@@ -236,6 +237,9 @@ class Ovis2NativeChatModel(PytorchChatModel):
                     max_num_seqs, budget / (1 << 20), budget // per_token, per_token,
                     f"up to {self._reuse.budget_bytes / (1 << 20):.0f} MiB" if self._reuse.enabled else "off",
                     "never" if prefill_slice is None else f"every {prefill_slice * 1000:.0f} ms")
+        if device.type == "cpu":
+            tuned = choose_linear_kernels(loaded.model, max_num_seqs)
+            logger.info("Ovis2 on CPU: %d language-model linears choose their kernel per decode batch size", len(tuned))
         return BatchScheduler(loaded.model, max_num_seqs, budget, per_token, reuse=self._reuse,
                               prefill_slice=prefill_slice)
 
