@@ -503,6 +503,13 @@ def verdict(result: Dict[str, Any]) -> Dict[str, Any]:
 # --- the scheduler alone ----------------------------------------------------------------------
 
 
+def greedy_plan(tokens: int) -> Any:
+    """Greedy, no end-of-sequence token: a row generates exactly ``tokens``."""
+    from ovis2_xinf.generation import SamplingPlan
+
+    return SamplingPlan({"do_sample": False, "eos_token_id": [], "max_new_tokens": tokens}, None, [], tokens)
+
+
 def scheduler_alone(path: Path, smoke: bool) -> Dict[str, Any]:
     """The batching scheduler without the server: N threads submit the chat prompt to a
     ``BatchScheduler`` on the model loaded in this process, greedy, every row ``max_tokens``
@@ -512,15 +519,13 @@ def scheduler_alone(path: Path, smoke: bool) -> Dict[str, Any]:
     are, against aligned rows (the direct baseline's case). ``prefill_pauses``: see
     :func:`prefill_pauses`."""
     from ovis2_xinf.batching import BatchScheduler, kv_bytes_per_token
-    from ovis2_xinf.generation import SamplingPlan
 
     levels = (1, 2) if smoke else (1, 2, 4, 8, 16)
     work = Workload("chat", chat_messages, 8 if smoke else 48)
     direct = Direct(path)
     model, inputs = direct.loaded.model, direct.inputs(work)
     scheduler = BatchScheduler(model, max(levels), 1 << 40, kv_bytes_per_token(model.config, direct.loaded.dtype))
-    plan = SamplingPlan({"do_sample": False, "eos_token_id": [], "max_new_tokens": work.max_tokens}, None, [],
-                        work.max_tokens)
+    plan = greedy_plan(work.max_tokens)
 
     def one(_: int) -> List[tuple]:
         return [(time.perf_counter(), len(batch)) for batch in scheduler.submit(dict(inputs), plan)]
@@ -571,19 +576,15 @@ def prefill_pauses(direct: "Direct", smoke: bool) -> Dict[str, Any]:
     image is prefilled (``longest_gap_s``), the rows' step time before it arrived (median gap), the
     newcomer's TTFT, and its TTFT with nothing else running (``solo_ttft_s``)."""
     from ovis2_xinf.batching import BatchScheduler, kv_bytes_per_token
-    from ovis2_xinf.generation import SamplingPlan
     from ovis2_xinf.model import DEFAULT_PREFILL_SLICE_S
 
     batch = 2 if smoke else 8
     model = direct.loaded.model
     chat, vision = direct.inputs(workloads(smoke)[0]), direct.inputs(workloads(smoke)[1])
 
-    def plan(tokens: int) -> SamplingPlan:
-        return SamplingPlan({"do_sample": False, "eos_token_id": [], "max_new_tokens": tokens}, None, [], tokens)
-
     def ttft(scheduler: BatchScheduler) -> float:
         start = time.perf_counter()
-        stream = scheduler.submit(dict(vision), plan(1))
+        stream = scheduler.submit(dict(vision), greedy_plan(1))
         next(stream)
         elapsed = time.perf_counter() - start
         stream.close()
@@ -597,7 +598,7 @@ def prefill_pauses(direct: "Direct", smoke: bool) -> Dict[str, Any]:
         arrivals: List[List[float]] = [[] for _ in range(batch)]
 
         def decode(index: int) -> None:
-            for _ in scheduler.submit(dict(chat), plan(10**6)):
+            for _ in scheduler.submit(dict(chat), greedy_plan(10**6)):
                 arrivals[index].append(time.perf_counter())
                 if stop.is_set():
                     return

@@ -534,10 +534,10 @@ class BatchScheduler:
         task = greenlet.greenlet(self._prefill_row)
         task.gr_context = contextvars.copy_context()
         self._prefill_task, self._prefilling = task, row
+        pauses = 0
         try:
             self._slice_start = time.perf_counter()
             task.switch(row)
-            pauses = 0
             while not task.dead:
                 pauses += 1
                 self._step()

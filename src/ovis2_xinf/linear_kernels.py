@@ -4,9 +4,9 @@ row count, as measured the first time that count comes.
 ``x @ W.T`` (``F.linear``) and ``(W @ x.T).T`` are the same product, and MKL runs a different
 kernel for each. For a decode step's few rows the second can be much faster: on this project's
 2-core Xeon the 151,936-wide head at 8 rows takes about 63 ms one way and 44 ms the other, and
-the 1B decode step runs 1.13x faster at 8 rows and 1.33x at 16 with the choice made per module (``python -m
-benchmarks scheduler --model 1b``, "linear kernels"). Which way wins depends on the CPU, the shape
-and the row count, so it is timed, not assumed: the first call with a given row count times both
+with the choice made per module the 1B decode step runs 1.13x faster at 8 rows and 1.33x at 16
+(``python -m benchmarks scheduler --model 1b``, "linear kernels"). Which way wins depends on the
+CPU, the shape and the row count, so it is timed, not assumed: the first call with a given row count times both
 (best of ``REPEATS``) and keeps the faster for that module and count. The two differ by float
 rounding only (about 1e-6 relative). A call with one row or more than ``max_rows`` (a prefill's
 prompt), and every call off the CPU, goes to ``F.linear``.
@@ -14,14 +14,11 @@ prompt), and every call off the CPU, goes to ``F.linear``.
 
 from __future__ import annotations
 
-import logging
 import time
 from typing import Any, Dict, List
 
 import torch
 import torch.nn.functional as F
-
-logger = logging.getLogger(__name__)
 
 REPEATS = 3
 
@@ -51,7 +48,7 @@ class _Chooser:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         weight, bias = self.module.weight, self.module.bias
-        rows = x.numel() // x.shape[-1] if x.dim() else 0
+        rows = x.numel() // x.shape[-1]
         if x.device.type != "cpu" or not 1 < rows <= self.max_rows:
             return F.linear(x, weight, bias)
         choice = self.transposed.get(rows)

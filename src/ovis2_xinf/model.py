@@ -54,7 +54,7 @@ KV_BUDGET_ENV = "OVIS2_XINF_KV_CACHE_BUDGET_MIB"
 REUSE_BUDGET_ENV = "OVIS2_XINF_REUSE_CACHE_MIB"
 PREFILL_SLICE_ENV = "OVIS2_XINF_PREFILL_SLICE_MS"
 # Long enough that a chat prompt's prefill (0.45 s on 1B shapes, 2 CPU cores) never pauses, so a
-# newcomer's TTFT under load stays that of its own prefill; an image prefill (4.8 s) pauses ~4 times.
+# newcomer's TTFT under load stays that of its own prefill; an image's (4.5 s) pauses 3 times.
 DEFAULT_PREFILL_SLICE_S = 1.0
 SPECIAL_TOKENS = ("<|im_end|>", "<|endoftext|>")
 
