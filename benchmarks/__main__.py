@@ -125,7 +125,7 @@ def run_serving(args, paths, workdir: Path) -> Dict[str, Any]:
 def run_concurrency(args, paths) -> Dict[str, Any]:
     from . import concurrency
 
-    result = concurrency.run(paths["pytorch"], args.smoke)
+    result = concurrency.run(paths["pytorch"], args.smoke, args.device)
     for name, work in result["workloads"].items():
         print(f"{name}: {work['prompt_tokens']} prompt tokens, {work['max_tokens']} new tokens each")
         print(_table(work["rows"], ["concurrency", "served_e2e_tok_s", "direct_e2e_tok_s", "e2e_over_direct",
@@ -152,6 +152,13 @@ def run_concurrency(args, paths) -> Dict[str, Any]:
         rows.append({"target": f"{name}: whole workload N=8 / N=1, reported (direct: "
                                f"{_num(v['direct_e2e_scaling_8_over_1'])})",
                      "want": "-", "measured": v["e2e_scaling_8_over_1"], "met": "-"})
+    for name in result["workloads"] if "gpu" in targets else ():
+        v = result["verdict"][name]
+        for n in (4, 8):
+            key = f"scaling_{n}_over_1"
+            rows.append({"target": f"{name}: GPU served decode N={n} / N=1 (direct: {_num(v[f'gpu_direct_decode_{key}'])})",
+                         "want": f">= {targets['gpu'][key]}", "measured": v[f"gpu_decode_{key}"],
+                         "met": v[f"gpu_{key}_met"]})
     rows.append({"target": f"TTFT p95 while {load['background']} decode / alone", "want": f"<= {targets['ttft_under_load_ratio']}",
                  "measured": result["verdict"]["ttft_under_load"]["ratio"],
                  "met": result["verdict"]["ttft_under_load"]["met"]})
@@ -256,6 +263,8 @@ def main(argv=None) -> int:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/ovis2-xinf-bench"))
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "latest.json")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="concurrency section: where the served model and the direct baseline run")
     parser.add_argument("--plot", type=Path, help="write the throughput-vs-concurrency PNG here (concurrency section)")
     parser.add_argument("--tokenizer", type=Path, help="grammar section: a tokenizer directory (default: the tiny "
                         "one; for 1b/2b a Qwen2.5-sized BPE trained once under --workdir)")
@@ -267,6 +276,9 @@ def main(argv=None) -> int:
     if unknown:
         parser.error(f"unknown section(s) {unknown}; choose from {list(SECTIONS)}")
     import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device")
 
     result: Dict[str, Any] = {
         "model": args.model, "smoke": args.smoke, "started": time.strftime("%Y-%m-%dT%H:%M:%S"),

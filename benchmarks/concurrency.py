@@ -76,6 +76,9 @@ from .serving import image_url
 STORY = ("Write a short story about a lighthouse keeper who finds a message in a bottle one stormy night, "
          "and what the message says.")
 TARGETS = {"served_over_direct": 0.85, "scaling_8_over_1": 3.0, "ttft_under_load_ratio": 1.5}
+GPU_TARGETS = {"scaling_4_over_1": 3.5, "scaling_8_over_1": 6.0}
+# What the model class picks on each device when no torch_dtype is given; both paths use it.
+DTYPES = {"cpu": torch.float32, "cuda": torch.bfloat16}
 
 
 def chat_messages(seed: int) -> List[Dict[str, Any]]:
@@ -304,8 +307,9 @@ def ttft_under_load(client, uid: str, work: Workload, background: int, probes: i
 class Direct:
     """The same checkpoint, loaded here: batched decode steps with plain transformers."""
 
-    def __init__(self, path: Path):
-        self.loaded = load_model(path, torch.float32, "cpu")
+    def __init__(self, path: Path, device: str = "cpu"):
+        self.device = torch.device(device)
+        self.loaded = load_model(path, DTYPES[self.device.type], device)
         self.pre = Ovis2ImagePreprocessor(self.loaded.checkpoint.preprocessor)
         self._prefilled: Dict[str, Any] = {}
 
@@ -317,7 +321,7 @@ class Direct:
         inputs = {"input_ids": encoded.input_ids, "attention_mask": torch.ones_like(encoded.input_ids)}
         if encoded.pixel_values is not None:
             inputs["pixel_values"] = encoded.pixel_values.to(self.loaded.dtype)
-        return inputs
+        return {k: v.to(self.device) for k, v in inputs.items()}
 
     def _prefill(self, work: Workload):
         """The prompt's cache, first token and length, and its prefill time (best of two)."""
@@ -350,14 +354,15 @@ class Direct:
                 layer.keys = layer.keys.repeat(batch, 1, 1, 1)
                 layer.values = layer.values.repeat(batch, 1, 1, 1)
             ids = first.repeat(batch, 1)
-            pads = torch.arange(batch).unsqueeze(1)
+            on = self.device
+            pads = torch.arange(batch, device=on).unsqueeze(1)
 
             def step():
                 nonlocal ids, length
-                mask = torch.ones(batch, length + 1, dtype=torch.long)
-                positions = torch.full((batch, 1), length, dtype=torch.long)
+                mask = torch.ones(batch, length + 1, dtype=torch.long, device=on)
+                positions = torch.full((batch, 1), length, dtype=torch.long, device=on)
                 if padded:
-                    mask = (torch.arange(length + 1).unsqueeze(0) >= pads).long()
+                    mask = (torch.arange(length + 1, device=on).unsqueeze(0) >= pads).long()
                     positions = positions - pads
                 out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
                             use_cache=True, logits_to_keep=1)
@@ -412,21 +417,25 @@ def _level(client, uid: str, server_pid: int, direct: "Direct", work: Workload, 
     return row
 
 
-def run(path: Path, smoke: bool) -> Dict[str, Any]:
+def run(path: Path, smoke: bool, device: str = "cpu") -> Dict[str, Any]:
+    """``device``: where both the server's model and the direct baseline run (``cuda``: one GPU,
+    bf16, the GPU targets judged too)."""
     from openai import OpenAI
 
     levels = (1, 2) if smoke else (1, 2, 4, 8, 16)
     background, probes = (2, 2) if smoke else (8, 8)
     works = workloads(smoke)
-    direct = Direct(path)
-    result: Dict[str, Any] = {"levels": list(levels), "max_num_seqs": 16, "targets": TARGETS,
+    direct = Direct(path, device)
+    dtype = str(DTYPES[direct.device.type]).removeprefix("torch.")
+    result: Dict[str, Any] = {"levels": list(levels), "max_num_seqs": 16, "device": direct.device.type, "dtype": dtype,
+                              "targets": {**TARGETS, **({"gpu": GPU_TARGETS} if direct.device.type == "cuda" else {})},
                               "workloads": {w.name: {"max_tokens": w.max_tokens, "max_partition": w.max_partition,
                                                      "prompt_tokens": int(direct.inputs(w)["input_ids"].shape[1]),
                                                      "rows": []} for w in works}}
     with local_server() as server:
         started = time.perf_counter()
         uid = server.launch("--model-engine", "transformers", "--model-name", "Ovis2", "--size-in-billions", "1",
-                            "--model-format", "pytorch", "--model-path", str(path), "--torch_dtype", "float32",
+                            "--model-format", "pytorch", "--model-path", str(path), "--torch_dtype", dtype,
                             "--max_num_seqs", "16")
         result["launch_to_ready_s"] = time.perf_counter() - started
         client = OpenAI(base_url=f"{server.endpoint}/v1", api_key="none", max_retries=0, timeout=3600)
@@ -494,6 +503,17 @@ def verdict(result: Dict[str, Any]) -> Dict[str, Any]:
             "e2e_scaling_8_over_1": scaling,
             "direct_e2e_scaling_8_over_1": direct_scaling,
         }
+    if result.get("device") == "cuda":
+        for name, work in result["workloads"].items():
+            rows = {r["concurrency"]: r for r in work["rows"]}
+            for n in (4, 8):
+                key = f"scaling_{n}_over_1"
+                ok = n in rows and 1 in rows and rows[n]["steady_tok_s"] and rows[1]["steady_tok_s"]
+                figure = rows[n]["steady_tok_s"] / rows[1]["steady_tok_s"] if ok else None
+                direct_figure = rows[n]["direct_tok_s"] / rows[1]["direct_tok_s"] if n in rows and 1 in rows else None
+                out[name][f"gpu_decode_{key}"] = figure
+                out[name][f"gpu_direct_decode_{key}"] = direct_figure
+                out[name][f"gpu_{key}_met"] = figure is not None and figure >= GPU_TARGETS[key]
     load = result.get("ttft_under_load")
     if load:
         out["ttft_under_load"] = {"ratio": load["ratio"], "met": load["ratio"] <= TARGETS["ttft_under_load_ratio"]}

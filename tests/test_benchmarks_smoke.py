@@ -82,3 +82,20 @@ def test_inter_token_gaps_spread_a_chunk_over_the_tokens_it_carried(monkeypatch)
     assert token_gaps([0.0, 0.1, 0.2, 0.6], 6) == pytest.approx([0.1, 0.1, 0.4 / 3, 0.4 / 3, 0.4 / 3])
     assert chunk_tokens([0.0, 0.1, 0.2, 0.6], 4) == [1, 1, 1, 1]
     assert chunk_tokens([2.0], 4) == [4] and token_gaps([2.0], 4) == []
+
+
+def test_the_gpu_targets_are_judged_only_on_a_gpu_run(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT))
+    from benchmarks.concurrency import verdict
+
+    def row(n, steady, direct):
+        return {"concurrency": n, "steady_tok_s": steady, "direct_tok_s": direct, "e2e_over_direct": 1.0,
+                "steady_over_direct": steady / direct, "served_e2e_tok_s": steady, "direct_e2e_tok_s": direct}
+
+    rows = [row(1, 50.0, 50.0), row(4, 180.0, 190.0), row(8, 290.0, 320.0)]
+    cpu = verdict({"device": "cpu", "workloads": {"chat": {"rows": rows}}})
+    assert not any(k.startswith("gpu_") for k in cpu["chat"])
+    gpu = verdict({"device": "cuda", "workloads": {"chat": {"rows": rows}}})["chat"]
+    assert gpu["gpu_decode_scaling_4_over_1"] == pytest.approx(3.6) and gpu["gpu_scaling_4_over_1_met"]
+    assert gpu["gpu_decode_scaling_8_over_1"] == pytest.approx(5.8) and not gpu["gpu_scaling_8_over_1_met"]
+    assert gpu["gpu_direct_decode_scaling_8_over_1"] == pytest.approx(6.4)
