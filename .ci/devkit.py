@@ -1,0 +1,112 @@
+"""Build ``.devkit/``: what the lent GPU machine needs to run ``.ci/device-check`` offline.
+
+That machine reaches no registry and its image already holds torch, transformers and most of
+our runtime; it lacks Xinference and the packages in ``.ci/device-wheels.txt``. They travel as
+wheels for its Python, next to a wheel of this project. The largest folders of Xinference's
+``thirdparty/`` (other model families' code, 44 of its 55 MB) are dropped, so the kit and the
+working tree fit the device call's 64 MiB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from importlib import metadata
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PLATFORMS = ("manylinux_2_34_x86_64", "manylinux_2_31_x86_64", "manylinux_2_28_x86_64", "manylinux_2_27_x86_64",
+             "manylinux_2_24_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64", "manylinux1_x86_64")
+# The largest of Xinference's vendored model families, none imported when Xinference starts
+# (``controlnet`` and ``navidc_ocr`` are, so they stay).
+DROPPED = tuple(f"xinference/thirdparty/{name}/" for name in (
+    "indextts", "deepseek_vl2", "melo", "magika", "cosyvoice", "f5_tts", "mineru", "ace_step_1_5", "deepseek_vl",
+    "whisper"))
+LIMIT = 60 << 20  # the device call carries at most 64 MiB with the working tree
+
+log = logging.getLogger("devkit")
+
+
+def requirements(path: Path) -> list[str]:
+    lines = (line.split("#", 1)[0].strip() for line in path.read_text().splitlines())
+    return [line for line in lines if line]
+
+
+def pinned(names: list[str]) -> list[str]:
+    """Each package at the version installed here: the kit carries what this environment tested."""
+    out = []
+    for name in names:
+        try:
+            out.append(f"{name}=={metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            raise SystemExit(f"{name} (.ci/device-wheels.txt): not installed here; run this with the project's "
+                             f"test environment (.venv/bin/python .ci/devkit.py)") from None
+    return out
+
+
+def pip(*args: str) -> None:
+    subprocess.run([sys.executable, "-m", "pip", "-q", *args], check=True)
+
+
+def fetch(requirement: str, python: str, into: Path) -> None:
+    """A binary wheel for ``python`` on x86-64 Linux; a pure-Python sdist is built into one here."""
+    tags = [f"--platform={p}" for p in PLATFORMS]
+    try:
+        pip("download", "--no-deps", "--only-binary=:all:", f"--python-version={python}", "--implementation=cp",
+            *tags, "-d", str(into), requirement)
+        return
+    except subprocess.CalledProcessError:
+        log.info("%s: no binary wheel for Python %s, building it from its sdist", requirement, python)
+    with tempfile.TemporaryDirectory() as tmp:
+        pip("wheel", "--no-deps", "-w", tmp, requirement)
+        (built,) = Path(tmp).glob("*.whl")
+        if not built.name.endswith("-py3-none-any.whl") and "-py2.py3-none-any" not in built.name:
+            raise SystemExit(f"{requirement}: its sdist builds {built.name}, not a pure-Python wheel; "
+                             f"it cannot be built here for the GPU machine")
+        shutil.move(str(built), into / built.name)
+
+
+def prune(wheel: Path) -> int:
+    """Drop ``DROPPED`` folders from ``wheel`` (and from its RECORD); the bytes saved."""
+    before = wheel.stat().st_size
+    pruned = wheel.with_suffix(".pruned")
+    with zipfile.ZipFile(wheel) as src, zipfile.ZipFile(pruned, "w", zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            if info.filename.startswith(DROPPED):
+                continue
+            data = src.read(info)
+            if info.filename.endswith(".dist-info/RECORD"):
+                kept = [r for r in data.decode().splitlines(keepends=True) if not r.startswith(DROPPED)]
+                data = "".join(kept).encode()
+            dst.writestr(info, data)
+    pruned.replace(wheel)
+    return before - wheel.stat().st_size
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--python", default="3.12", help="the GPU machine's Python (default 3.12)")
+    parser.add_argument("--out", type=Path, default=ROOT / ".devkit")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    wheels = args.out / "wheels"
+    shutil.rmtree(args.out, ignore_errors=True)
+    wheels.mkdir(parents=True)
+    for requirement in pinned(requirements(ROOT / ".ci" / "device-wheels.txt")):
+        fetch(requirement, args.python, wheels)
+    for wheel in wheels.glob("xinference-*.whl"):
+        log.info("%s: %d MB of thirdparty/ dropped", wheel.name, prune(wheel) >> 20)
+    pip("wheel", "--no-deps", "-w", str(wheels), str(ROOT))
+    size = sum(p.stat().st_size for p in wheels.iterdir())
+    log.info("%d wheels, %.1f MiB in %s", len(list(wheels.iterdir())), size / (1 << 20), wheels)
+    if size > LIMIT:
+        raise SystemExit(f"{wheels}: {size >> 20} MiB, over the {LIMIT >> 20} MiB a device call can carry")
+
+
+if __name__ == "__main__":
+    main()
