@@ -49,25 +49,40 @@ def pinned(names: list[str]) -> list[str]:
     return out
 
 
-def pip(*args: str) -> None:
-    subprocess.run([sys.executable, "-m", "pip", "-q", *args], check=True)
+def pip(*args: str, python: str = sys.executable) -> None:
+    subprocess.run([python, "-m", "pip", "-q", *args], check=True)
 
 
-def fetch(requirement: str, python: str, into: Path) -> None:
-    """A binary wheel for ``python`` on x86-64 Linux; a pure-Python sdist is built into one here."""
+def builder_for(version: str) -> str | None:
+    """An interpreter of the GPU machine's Python version here, to build its compiled sdists."""
+    if f"{sys.version_info.major}.{sys.version_info.minor}" == version:
+        return sys.executable
+    found = shutil.which(f"python{version}")
+    candidates = [found] if found else []
+    candidates += sorted(str(p) for p in (Path.home() / ".pyenv" / "versions").glob(f"{version}.*/bin/python{version}"))
+    for candidate in candidates:
+        if subprocess.run([candidate, "-c", "import pip"], capture_output=True).returncode == 0:
+            return candidate
+    return None
+
+
+def fetch(requirement: str, python: str, into: Path, builder: str | None) -> None:
+    """A binary wheel for ``python`` on x86-64 Linux, else one built here from the sdist: by
+    ``builder`` (that Python) when there is one, else by this interpreter if it comes out pure."""
     tags = [f"--platform={p}" for p in PLATFORMS]
-    try:
-        pip("download", "--no-deps", "--only-binary=:all:", f"--python-version={python}", "--implementation=cp",
-            *tags, "-d", str(into), requirement)
+    download = subprocess.run([sys.executable, "-m", "pip", "-q", "download", "--no-deps", "--only-binary=:all:",
+                               f"--python-version={python}", "--implementation=cp", *tags, "-d", str(into),
+                               requirement], capture_output=True, text=True)
+    if download.returncode == 0:
         return
-    except subprocess.CalledProcessError:
-        log.info("%s: no binary wheel for Python %s, building it from its sdist", requirement, python)
+    log.info("%s: no binary wheel for Python %s, building it from its sdist", requirement, python)
     with tempfile.TemporaryDirectory() as tmp:
-        pip("wheel", "--no-deps", "-w", tmp, requirement)
+        pip("wheel", "--no-deps", "-w", tmp, requirement, python=builder or sys.executable)
         (built,) = Path(tmp).glob("*.whl")
-        if not built.name.endswith("-py3-none-any.whl") and "-py2.py3-none-any" not in built.name:
-            raise SystemExit(f"{requirement}: its sdist builds {built.name}, not a pure-Python wheel; "
-                             f"it cannot be built here for the GPU machine")
+        pure = built.name.endswith(("-py3-none-any.whl", "-py2.py3-none-any.whl"))
+        if not pure and not builder:
+            raise SystemExit(f"{requirement}: its sdist compiles ({built.name}), and no Python {python} was found "
+                             f"here to build it for the GPU machine; pass --build-python")
         shutil.move(str(built), into / built.name)
 
 
@@ -92,13 +107,16 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--python", default="3.12", help="the GPU machine's Python (default 3.12)")
     parser.add_argument("--out", type=Path, default=ROOT / ".devkit")
+    parser.add_argument("--build-python", help="a Python of that version here, for sdists that compile "
+                                               "(default: found on PATH or under ~/.pyenv)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     wheels = args.out / "wheels"
     shutil.rmtree(args.out, ignore_errors=True)
     wheels.mkdir(parents=True)
+    builder = args.build_python or builder_for(args.python)
     for requirement in pinned(requirements(ROOT / ".ci" / "device-wheels.txt")):
-        fetch(requirement, args.python, wheels)
+        fetch(requirement, args.python, wheels, builder)
     for wheel in wheels.glob("xinference-*.whl"):
         log.info("%s: %d MB of thirdparty/ dropped", wheel.name, prune(wheel) >> 20)
     pip("wheel", "--no-deps", "-w", str(wheels), str(ROOT))
