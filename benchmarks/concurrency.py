@@ -42,6 +42,9 @@ level. Each level waits (up to 90 s) for the machine to be quiet, and above
 ``FOREIGN_CPU_LIMIT`` it is measured again (up to ``ATTEMPTS`` times); the cleanest try is kept
 (needs psutil).
 
+``--device cuda``: the served model and the direct baseline both on the GPU in bf16, each level
+measured once; the GPU targets (decode rate at 4 and 8 over 1) are judged too.
+
 TTFT under load: the TTFT of one request (the chat prompt, 1 new token, timed to its first chunk
 with text or a finish reason) arriving while 8 chat requests are decoding, against the same
 request alone; several probes each, p95.
