@@ -49,8 +49,9 @@ def pinned(names: list[str]) -> list[str]:
     return out
 
 
-def pip(*args: str, python: str = sys.executable) -> None:
-    subprocess.run([python, "-m", "pip", "-q", *args], check=True)
+def pip(*args: str, python: str = sys.executable, check: bool = True) -> subprocess.CompletedProcess:
+    """``check=False``: a failure is the caller's to handle, so pip's output is kept, not shown."""
+    return subprocess.run([python, "-m", "pip", "-q", *args], check=check, capture_output=not check, text=True)
 
 
 def builder_for(version: str) -> str | None:
@@ -70,9 +71,8 @@ def fetch(requirement: str, python: str, into: Path, builder: str | None) -> Non
     """A binary wheel for ``python`` on x86-64 Linux, else one built here from the sdist: by
     ``builder`` (that Python) when there is one, else by this interpreter if it comes out pure."""
     tags = [f"--platform={p}" for p in PLATFORMS]
-    download = subprocess.run([sys.executable, "-m", "pip", "-q", "download", "--no-deps", "--only-binary=:all:",
-                               f"--python-version={python}", "--implementation=cp", *tags, "-d", str(into),
-                               requirement], capture_output=True, text=True)
+    download = pip("download", "--no-deps", "--only-binary=:all:", f"--python-version={python}", "--implementation=cp",
+                   *tags, "-d", str(into), requirement, check=False)
     if download.returncode == 0:
         return
     log.info("%s: no binary wheel for Python %s, building it from its sdist", requirement, python)
@@ -120,8 +120,9 @@ def main(argv: list[str] | None = None) -> None:
     for wheel in wheels.glob("xinference-*.whl"):
         log.info("%s: %d MB of thirdparty/ dropped", wheel.name, prune(wheel) >> 20)
     pip("wheel", "--no-deps", "-w", str(wheels), str(ROOT))
-    size = sum(p.stat().st_size for p in wheels.iterdir())
-    log.info("%d wheels, %.1f MiB in %s", len(list(wheels.iterdir())), size / (1 << 20), wheels)
+    files = list(wheels.iterdir())
+    size = sum(p.stat().st_size for p in files)
+    log.info("%d wheels, %.1f MiB in %s", len(files), size / (1 << 20), wheels)
     if size > LIMIT:
         raise SystemExit(f"{wheels}: {size >> 20} MiB, over the {LIMIT >> 20} MiB a device call can carry")
 

@@ -473,6 +473,13 @@ def run(path: Path, smoke: bool, device: str = "cpu") -> Dict[str, Any]:
     return result
 
 
+def _over_one(rows: Dict[int, Dict[str, Any]], n: int, field: str) -> Optional[float]:
+    """``field`` at N=n over N=1; None when either level is missing or has no figure."""
+    if n in rows and 1 in rows and rows[n][field] and rows[1][field]:
+        return rows[n][field] / rows[1][field]
+    return None
+
+
 def verdict(result: Dict[str, Any]) -> Dict[str, Any]:
     """Each target, per workload: the figure and whether it is met.
 
@@ -490,13 +497,7 @@ def verdict(result: Dict[str, Any]) -> Dict[str, Any]:
         rows = {r["concurrency"]: r for r in work["rows"]}
         e2e = [r["e2e_over_direct"] for r in rows.values()]
         decode = [r["steady_over_direct"] for r in rows.values() if r["steady_over_direct"] is not None]
-        scaling = direct_scaling = decode_scaling = direct_decode_scaling = None
-        if 8 in rows and 1 in rows:
-            scaling = rows[8]["served_e2e_tok_s"] / rows[1]["served_e2e_tok_s"]
-            direct_scaling = rows[8]["direct_e2e_tok_s"] / rows[1]["direct_e2e_tok_s"]
-            if rows[8]["steady_tok_s"] and rows[1]["steady_tok_s"]:
-                decode_scaling = rows[8]["steady_tok_s"] / rows[1]["steady_tok_s"]
-            direct_decode_scaling = rows[8]["direct_tok_s"] / rows[1]["direct_tok_s"]
+        decode_scaling = _over_one(rows, 8, "steady_tok_s")
         out[name] = {
             "e2e_over_direct_min": min(e2e, default=None),
             "e2e_over_direct_met": bool(e2e) and min(e2e) >= want,
@@ -504,21 +505,19 @@ def verdict(result: Dict[str, Any]) -> Dict[str, Any]:
             "decode_levels": sorted(n for n, r in rows.items() if r["steady_over_direct"] is not None),
             "decode_over_direct_met": bool(decode) and min(decode) >= want,
             "decode_scaling_8_over_1": decode_scaling,
-            "direct_decode_scaling_8_over_1": direct_decode_scaling,
+            "direct_decode_scaling_8_over_1": _over_one(rows, 8, "direct_tok_s"),
             "scaling_met": decode_scaling is not None and decode_scaling >= TARGETS["scaling_8_over_1"],
-            "e2e_scaling_8_over_1": scaling,
-            "direct_e2e_scaling_8_over_1": direct_scaling,
+            "e2e_scaling_8_over_1": _over_one(rows, 8, "served_e2e_tok_s"),
+            "direct_e2e_scaling_8_over_1": _over_one(rows, 8, "direct_e2e_tok_s"),
         }
     if result.get("device") == "cuda":
         for name, work in result["workloads"].items():
             rows = {r["concurrency"]: r for r in work["rows"]}
             for n in (4, 8):
                 key = f"scaling_{n}_over_1"
-                ok = n in rows and 1 in rows and rows[n]["steady_tok_s"] and rows[1]["steady_tok_s"]
-                figure = rows[n]["steady_tok_s"] / rows[1]["steady_tok_s"] if ok else None
-                direct_figure = rows[n]["direct_tok_s"] / rows[1]["direct_tok_s"] if n in rows and 1 in rows else None
+                figure = _over_one(rows, n, "steady_tok_s")
                 out[name][f"gpu_decode_{key}"] = figure
-                out[name][f"gpu_direct_decode_{key}"] = direct_figure
+                out[name][f"gpu_direct_decode_{key}"] = _over_one(rows, n, "direct_tok_s")
                 out[name][f"gpu_{key}_met"] = figure is not None and figure >= GPU_TARGETS[key]
     load = result.get("ttft_under_load")
     if load:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import importlib.util
 import zipfile
+from pathlib import Path
 
 import pytest
-from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
