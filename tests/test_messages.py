@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 
 import pytest
 from PIL import Image
@@ -148,24 +149,37 @@ def test_parse_accepts_string_image_url_and_null_assistant_content():
 # --- fetch policy: Xinference's fetcher, our limits on top ---------------------------------
 
 import http.server
+import json
+import socket
 import threading
+import time
 
 from conftest import CASES_DIR
 
 
+REDIRECTS = {"/noloc": None, "/toftp": "ftp://example.com/a.png"}
+
+
 @pytest.fixture
 def web(monkeypatch):
-    """Loopback HTTP server with an image, a redirect loop and a large file."""
+    """Loopback HTTP server with an image, redirects (a loop, none, to ftp), a slow answer, a 404 and a large file."""
     monkeypatch.setenv("XINFERENCE_MEDIA_BLOCK_PRIVATE_ADDRESS", "false")
     image = (CASES_DIR / "images" / "wide.png").read_bytes()
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
-            if self.path.startswith("/loop"):
+            if self.path.startswith("/loop") or self.path in REDIRECTS:
                 self.send_response(302)
-                self.send_header("Location", f"/loop{len(self.path)}")
+                location = REDIRECTS.get(self.path, f"/loop{len(self.path)}")
+                if location:
+                    self.send_header("Location", location)
                 self.end_headers()
                 return
+            if self.path == "/missing":
+                self.send_error(404)
+                return
+            if self.path == "/slow":
+                time.sleep(1)
             body = image if self.path == "/wide.png" else b"x" * 5000
             self.send_response(200)
             self.send_header("Content-Length", str(len(body)))
@@ -220,3 +234,181 @@ def test_video_frames_limit_is_checked_before_fetching():
     video = {"type": "video_url", "video_url": {"url": "https://unreachable.invalid/v.mp4"}}
     with pytest.raises(Ovis2LimitError, match=r"2 video\(s\) x 12 frames is over the limit of 20 .*OVIS2_XINF_MAX_VIDEO_FRAMES"):
         build_conversation([{"role": "user", "content": [video, video]}], MediaLimits(max_video_frames=20))
+
+
+# --- every refusal of Xinference 4.1's fetcher names what the client or the admin can change ---
+
+
+@pytest.fixture
+def no_connections(monkeypatch):
+    """Fail the test if anything opens a connection: these URLs must be refused before one."""
+    attempts = []
+
+    def refuse(sock, address):
+        attempts.append(address)
+        raise AssertionError(f"connected to {address}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    yield attempts
+    assert attempts == []
+
+
+def refusal(url, limits=LIMITS):
+    with pytest.raises(Ovis2RequestError) as info:
+        build_conversation([{"role": "user", "content": [text("look"), image(url)]}], limits)
+    return info.value
+
+
+@pytest.mark.parametrize("url", [
+    "http://10.0.0.1/a.png", "http://127.0.0.1:9/a.png", "http://169.254.169.254/latest/meta-data/",
+    "http://[::1]/a.png", "http://100.64.0.1/a.png", "https://192.168.1.1/a.png", "http://0.0.0.0/a.png",
+])
+def test_private_addresses_are_refused_before_connecting_naming_the_setting(url, no_connections, monkeypatch):
+    monkeypatch.delenv("XINFERENCE_MEDIA_BLOCK_PRIVATE_ADDRESS", raising=False)
+    error = refusal(url)
+    assert isinstance(error, Ovis2LimitError)
+    assert str(error).startswith(f"messages[0].content[1]: {url}: URL must resolve only to public addresses")
+    assert str(error).endswith("(setting: XINFERENCE_MEDIA_BLOCK_PRIVATE_ADDRESS)")
+
+
+@pytest.mark.parametrize("url,needle", [
+    ("ftp://example.com/a.png", "Unsupported media url scheme: ftp (media urls may be http, https or data:; "
+                                "local paths need OVIS2_XINF_MEDIA_LOCAL_DIR)"),
+    ("gopher://example.com/a.png", "Unsupported media url scheme: gopher"),
+    ("http://user:secret@example.com/a.png",
+     "Expected a public HTTP(S) URL without credentials (media urls and their redirects must be http(s), "
+     "name a host and carry no user:password)"),
+    ("http:///a.png", "Expected a public HTTP(S) URL without credentials"),
+])
+def test_scheme_and_credential_refusals_come_before_any_io(url, needle, no_connections):
+    error = refusal(url)
+    assert str(error).startswith("messages[0].content[1]: ") and needle in str(error)
+
+
+def test_unresolvable_hosts_are_a_clear_error(monkeypatch, no_connections):
+    def unknown(*args, **kwargs):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", unknown)
+    assert "Cannot resolve media url host" in str(refusal("https://images.example/a.png"))
+
+
+def test_fetch_refusals_of_the_redirect_and_answer(web, monkeypatch):
+    assert "Missing redirect location" in str(refusal(f"{web}/noloc"))
+    error = refusal(f"{web}/toftp")
+    assert "Expected a public HTTP(S) URL without credentials (media urls and their redirects must be" in str(error)
+    assert "Download failed with HTTP 404" in str(refusal(f"{web}/missing"))
+    monkeypatch.setenv("XINFERENCE_MEDIA_FETCH_TIMEOUT", "0.3")
+    error = refusal(f"{web}/slow")
+    assert isinstance(error, Ovis2LimitError)
+    assert "Media fetch exceeded its time budget (setting: XINFERENCE_MEDIA_FETCH_TIMEOUT)" in str(error)
+
+
+def test_https_never_redirects_to_http(tmp_path, monkeypatch):
+    """A TLS server on the loopback with its own certificate, trusted through SSL_CERT_FILE."""
+    pytest.importorskip("cryptography")
+    import datetime
+    import ipaddress
+    import ssl
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(hours=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+            .sign(key, hashes.SHA256()))
+    (tmp_path / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                         serialization.NoEncryption()))
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(302)
+            self.send_header("Location", "http://127.0.0.1:9/a.png")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "cert.pem"))
+    monkeypatch.setenv("XINFERENCE_MEDIA_BLOCK_PRIVATE_ADDRESS", "false")
+    try:
+        error = refusal(f"https://127.0.0.1:{server.server_address[1]}/a.png")
+    finally:
+        server.shutdown()
+    assert "HTTPS downloads cannot redirect to HTTP (fixed by Xinference)" in str(error)
+
+
+def test_local_files_are_read_only_when_regular_and_bounded(tmp_path, monkeypatch):
+    """Xinference reads an allowed local path whole: /dev/zero would fill the memory, a FIFO block for ever."""
+    monkeypatch.setenv("XINFERENCE_MEDIA_ALLOW_LOCAL_PATH", "true")
+    fifo = tmp_path / "fifo.png"
+    os.mkfifo(fifo)
+    for path in ("/dev/zero", str(fifo), f"file://{fifo}"):
+        assert "is not a regular file" in str(refusal(path))
+    big = tmp_path / "big.png"
+    big.write_bytes(b"x" * 3000)
+    monkeypatch.setenv("XINFERENCE_MEDIA_MAX_BYTES", "1000")
+    error = refusal(str(big))
+    assert isinstance(error, Ovis2LimitError) and "over XINFERENCE_MEDIA_MAX_BYTES=1000" in str(error)
+    monkeypatch.delenv("XINFERENCE_MEDIA_ALLOW_LOCAL_PATH")
+    monkeypatch.setenv("OVIS2_XINF_MEDIA_LOCAL_DIR", str(tmp_path))
+    for path in ("/dev/zero", str(fifo), str(big)):
+        assert "messages[0].content[1]: " in str(refusal(path))
+
+
+# --- text that is not valid Unicode ---------------------------------------------------------
+
+LONE = json.loads('"a\\ud800b"')  # what Python's json parser makes of a raw JSON string "a\ud800b"
+
+
+@pytest.mark.parametrize("message,where", [
+    ({"role": "user", "content": LONE}, "messages[0].content: the text is not valid Unicode"),
+    ({"role": "user", "content": [text("ok"), text(LONE)]}, "messages[0].content[1]: the text is not valid Unicode"),
+    ({"role": "user", "content": [{"type": "input_text", "text": LONE}]}, "messages[0].content[0]: the text"),
+    ({"role": "user", "content": [text("x"), image("https://example.com/" + LONE)]},
+     "messages[0].content[1]: the image_url url is not valid Unicode"),
+    ({"role": "user", "content": [{"type": "video_url", "video_url": "data:video/mp4;base64," + LONE}]},
+     "messages[0].content[0]: the video_url url is not valid Unicode"),
+])
+def test_lone_surrogates_are_refused_naming_the_part(message, where):
+    assert LONE == "a\ud800b"
+    with pytest.raises(Ovis2RequestError) as info:
+        parse_messages([message])
+    assert str(info.value).startswith(where)
+    assert "lone surrogate U+D800 at character " in str(info.value)
+
+
+def test_lone_surrogates_in_roles_types_and_earlier_turns():
+    for message, needle in [
+        ({"role": "us\udfffer", "content": "x"}, "messages[0].role: 'us\\udfffer' is not supported"),
+        ({"role": "user", "content": [{"type": "te\ud800xt", "text": "x"}]},
+         "messages[0].content[0]: unsupported content type 'te\\ud800xt'"),
+        ({"role": "user", "content": [{"type": ["text"], "text": "x"}]}, "unsupported content type ['text']"),
+        ({"role": ["user"], "content": "x"}, "messages[0].role: ['user'] is not supported"),
+        ({"role": {"a": 1}, "content": "x"}, "messages[0].role: {'a': 1} is not supported"),
+        ({"role": "x" * 10_000, "content": "x"}, "messages[0].role: 'xxxxxxxxx"),
+    ]:
+        with pytest.raises(Ovis2RequestError) as info:
+            build_conversation([message], LIMITS)
+        assert needle in str(info.value)
+        str(info.value).encode("utf-8")  # the message itself can be sent
+        assert len(str(info.value)) < 200
+    with pytest.raises(Ovis2RequestError, match=r"messages\[1\]\.content: the text is not valid Unicode"):
+        build_conversation([{"role": "system", "content": "ok"}, {"role": "assistant", "content": "\udc80"},
+                            {"role": "user", "content": "x"}], LIMITS)
+    with pytest.raises(Ovis2RequestError, match=r"messages\[0\]\.content\[1\]: text may not contain the reserved"):
+        parse_messages([{"role": "user", "content": [text("a"), text("b <image>")]}])

@@ -5,17 +5,20 @@ it decides which URL schemes are allowed (``http``, ``https``, ``data:``; local 
 only with ``XINFERENCE_MEDIA_ALLOW_LOCAL_PATH``), refuses private addresses, pins DNS,
 and bounds size and time (``XINFERENCE_MEDIA_*``), so Ovis2 follows the same policy as
 every other Xinference model. On top of it this module bounds what the bytes may
-decode to: pixels per image and frames per video.
+decode to: pixels per image and per request, progressive JPEG scans, and the frames a
+request's videos may hold, since decoding runs on the model process's pool threads and
+a few hostile bytes can otherwise cost minutes of CPU or gigabytes of memory there.
 """
 
 from __future__ import annotations
 
 import io
 import os
+import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple, Type
 from urllib.parse import unquote, urlparse
 
 from PIL import Image, UnidentifiedImageError
@@ -26,15 +29,34 @@ ENV_MAX_IMAGE_PIXELS = "OVIS2_XINF_MAX_IMAGE_PIXELS"
 ENV_MAX_IMAGES = "OVIS2_XINF_MAX_IMAGES"
 ENV_VIDEO_FRAMES = "OVIS2_XINF_VIDEO_FRAMES"
 ENV_MAX_VIDEO_FRAMES = "OVIS2_XINF_MAX_VIDEO_FRAMES"
+ENV_MAX_REQUEST_PIXELS = "OVIS2_XINF_MAX_REQUEST_PIXELS"
+ENV_MAX_VIDEO_SOURCE_FRAMES = "OVIS2_XINF_MAX_VIDEO_SOURCE_FRAMES"
+ENV_MAX_JPEG_SCANS = "OVIS2_XINF_MAX_JPEG_SCANS"
 ENV_LOCAL_DIR = "OVIS2_XINF_MEDIA_LOCAL_DIR"
-# Xinference's media errors, and the setting behind each, so the client learns what to change.
-_XINFERENCE_LIMITS = (
-    ("Media exceeds", "setting: XINFERENCE_MEDIA_MAX_BYTES"),
-    ("time budget", "setting: XINFERENCE_MEDIA_FETCH_TIMEOUT"),
-    ("Local file media urls are rejected", f"setting: {ENV_LOCAL_DIR}"),
-    ("private", "setting: XINFERENCE_MEDIA_BLOCK_PRIVATE_ADDRESS"),
-    ("Too many redirects", "at most 5 redirects are followed, fixed by Xinference"),
+# Xinference 4.1's refusals (xinference/model/llm/media.py, xinference/model/image/utils.py),
+# matched by a piece of their message, with the error class and what the client can change.
+_XINFERENCE_REFUSALS: Tuple[Tuple[str, Type[Ovis2RequestError], str], ...] = (
+    ("Media exceeds", Ovis2LimitError, "setting: XINFERENCE_MEDIA_MAX_BYTES"),
+    ("exceeded its time budget", Ovis2LimitError, "setting: XINFERENCE_MEDIA_FETCH_TIMEOUT"),
+    ("Local file media urls are rejected", Ovis2LimitError, f"setting: {ENV_LOCAL_DIR}"),
+    ("must resolve only to public addresses", Ovis2LimitError, "setting: XINFERENCE_MEDIA_BLOCK_PRIVATE_ADDRESS"),
+    ("Too many redirects", Ovis2LimitError, "at most 5 redirects are followed, fixed by Xinference"),
+    ("HTTPS downloads cannot redirect to HTTP", Ovis2RequestError, "fixed by Xinference"),
+    ("Unsupported media url scheme", Ovis2RequestError,
+     f"media urls may be http, https or data:; local paths need {ENV_LOCAL_DIR}"),
+    ("Expected a public HTTP(S) URL without credentials", Ovis2RequestError,
+     "media urls and their redirects must be http(s), name a host and carry no user:password"),
 )
+# Pillow formats never decoded for a client: EPS runs Ghostscript, a PostScript interpreter
+# with no time limit, on the client's program.
+_REFUSED_IMAGE_FORMATS = ("EPS",)
+# A video frame costs at least as much as one of this size to demux and decode; larger ones
+# cost in proportion to their pixels, so the source frame limit is counted in these.
+REFERENCE_FRAME = (1920, 1080)
+_REFERENCE_PIXELS = REFERENCE_FRAME[0] * REFERENCE_FRAME[1]
+# FFmpeg may open other resources named inside the bytes (an ffconcat script reads files
+# from the working directory, playlists fetch URLs); no protocol is allowed for that.
+_VIDEO_OPEN_OPTIONS = {"protocol_whitelist": "none"}
 
 
 def _env_int(name: str, default: int) -> int:
@@ -52,10 +74,18 @@ def _env_int(name: str, default: int) -> int:
 
 @dataclass(frozen=True)
 class MediaLimits:
+    """What one request's media may cost; each field has an ``OVIS2_XINF_*`` setting."""
+
     max_image_pixels: int = 50_000_000
     max_images: int = 16
     video_frames: int = 12
     max_video_frames: int = 64
+    # 16 photos of 12.5 MP (4080x3060, a phone's 12 MP camera): 600 MB as RGB.
+    max_request_pixels: int = 200_000_000
+    # Two minutes at 30 fps of frames up to 1920x1080, summed over a request's videos.
+    max_video_source_frames: int = 3600
+    # Progressive JPEGs have about 10 scans; each scan is a pass over the whole image.
+    max_jpeg_scans: int = 100
 
     @classmethod
     def from_env(cls) -> "MediaLimits":
@@ -65,7 +95,64 @@ class MediaLimits:
             max_images=_env_int(ENV_MAX_IMAGES, defaults.max_images),
             video_frames=_env_int(ENV_VIDEO_FRAMES, defaults.video_frames),
             max_video_frames=_env_int(ENV_MAX_VIDEO_FRAMES, defaults.max_video_frames),
+            max_request_pixels=_env_int(ENV_MAX_REQUEST_PIXELS, defaults.max_request_pixels),
+            max_video_source_frames=_env_int(ENV_MAX_VIDEO_SOURCE_FRAMES, defaults.max_video_source_frames),
+            max_jpeg_scans=_env_int(ENV_MAX_JPEG_SCANS, defaults.max_jpeg_scans),
         )
+
+
+class MediaBudget:
+    """What is left of one request's decoding limits, charged as its media are decoded.
+
+    The limits are per request, not per item: a request of many small items costs the
+    model process's threads as much as one large one.
+    """
+
+    def __init__(self, limits: MediaLimits) -> None:
+        self.limits = limits
+        self.pixels_used = 0
+        self.video_pixels_used = 0  # source frames, each counted as at least a 1920x1080 one
+
+    def take_pixels(self, width: int, height: int, count: int, where: str) -> None:
+        """Charge ``count`` decoded images of ``width`` x ``height``, or refuse before decoding them."""
+        pixels = width * height * count
+        if self.pixels_used + pixels > self.limits.max_request_pixels:
+            frames = f"{count} frames of " if count > 1 else ""
+            earlier = f", after {self.pixels_used} in earlier media" if self.pixels_used else ""
+            raise Ovis2LimitError(
+                f"{where}: {frames}{width}x{height} would bring the request to {self.pixels_used + pixels} "
+                f"pixels{earlier}, over the limit of {self.limits.max_request_pixels} pixels per request "
+                f"({ENV_MAX_REQUEST_PIXELS})"
+            )
+        self.pixels_used += pixels
+
+    def video_frames_left(self, width: int, height: int) -> int:
+        """How many more source frames of this size the request's videos may hold."""
+        left = self.limits.max_video_source_frames * _REFERENCE_PIXELS - self.video_pixels_used
+        return max(left, 0) // _frame_cost(width, height)
+
+    def take_video_frames(self, count: int, width: int, height: int) -> bool:
+        """Charge ``count`` source frames of this size; False once the request is over its limit."""
+        self.video_pixels_used += count * _frame_cost(width, height)
+        return self.video_pixels_used <= self.limits.max_video_source_frames * _REFERENCE_PIXELS
+
+    def video_limit_error(self, where: str, detail: str, width: int, height: int) -> Ovis2LimitError:
+        """The refusal of a video over the source frame limit, saying how its frames were counted."""
+        weight = _frame_cost(width, height) / _REFERENCE_PIXELS
+        counted = (
+            f"; its {width}x{height} frames count {weight:.1f} times each, being larger than "
+            f"{REFERENCE_FRAME[0]}x{REFERENCE_FRAME[1]}" if weight > 1 else ""
+        )
+        used = self.video_pixels_used // _REFERENCE_PIXELS
+        earlier = f" ({used} already counted)" if used else ""
+        return Ovis2LimitError(
+            f"{where}: {detail}, over the limit of {self.limits.max_video_source_frames} source frames per "
+            f"request{earlier} ({ENV_MAX_VIDEO_SOURCE_FRAMES}){counted}"
+        )
+
+
+def _frame_cost(width: int, height: int) -> int:
+    return max(width * height, _REFERENCE_PIXELS)
 
 
 def describe_url(url: str, limit: int = 60) -> str:
@@ -78,13 +165,15 @@ def describe_url(url: str, limit: int = 60) -> str:
 def _allowed_local_file(url: str) -> Optional[Path]:
     """A local path inside the directory ``OVIS2_XINF_MEDIA_LOCAL_DIR`` allows, if any."""
     root = os.environ.get(ENV_LOCAL_DIR, "").strip()
-    scheme = urlparse(url).scheme.lower()
-    if not root or scheme not in ("", "file"):
+    if not root:
         return None
-    path = Path(unquote(urlparse(url).path) if scheme == "file" else url)
-    try:
+    try:  # NUL bytes, unencodable characters and malformed URLs are simply not allowed paths
+        scheme = urlparse(url).scheme.lower()
+        if scheme not in ("", "file"):
+            return None
+        path = Path(unquote(urlparse(url).path) if scheme == "file" else url)
         resolved, base = path.resolve(strict=True), Path(root).resolve(strict=True)
-    except (OSError, RuntimeError):
+    except (OSError, RuntimeError, ValueError):
         return None
     return resolved if resolved.is_file() and resolved.is_relative_to(base) else None
 
@@ -95,29 +184,55 @@ def _max_bytes() -> int:
     return xinference_max_bytes()
 
 
+def _read_local_file(path: str, where: str) -> bytes:
+    """A regular file's bytes, at most ``XINFERENCE_MEDIA_MAX_BYTES`` of them.
+
+    Xinference reads an allowed local path whole, so ``/dev/zero`` would fill the memory
+    and a FIFO would block the thread for ever; only regular files of bounded size are read.
+    """
+    info = os.stat(path)
+    if not stat.S_ISREG(info.st_mode):
+        raise Ovis2RequestError(f"{where}: {path} is not a regular file")
+    limit = _max_bytes()
+    with open(path, "rb") as file:
+        data = file.read(limit + 1)
+    if len(data) > limit:
+        raise Ovis2LimitError(f"{where}: {path} is over XINFERENCE_MEDIA_MAX_BYTES={limit} bytes")
+    return data
+
+
+def _refusal(exc: ValueError, url: str, where: str) -> Ovis2RequestError:
+    """Xinference's refusal as the client's error, naming what to change where anything can be."""
+    message = str(exc)
+    for needle, error, hint in _XINFERENCE_REFUSALS:
+        if needle in message:
+            return error(f"{where}: {describe_url(url)}: {message} ({hint})")
+    return Ovis2RequestError(f"{where}: {describe_url(url)}: {message}")
+
+
 def read_media(url: str, where: str) -> bytes:
     """The bytes behind a media URL, or an error naming the part, URL and limit."""
-    from xinference.model.llm.media import decode_data_uri, load_media_bytes
+    from xinference.model.llm.media import decode_data_uri, fetch_media, local_path, validate_media_url
 
     if not isinstance(url, str) or not url.strip():
         raise Ovis2RequestError(f"{where}: the media url must be a non-empty string")
     local = _allowed_local_file(url)
-    if local is not None:
-        size = local.stat().st_size
-        if size > _max_bytes():
-            raise Ovis2LimitError(f"{where}: {local} is {size} bytes, over XINFERENCE_MEDIA_MAX_BYTES={_max_bytes()}")
-        return local.read_bytes()
     try:
-        # load_media_bytes validates a data: URL by decoding it, then decodes it again;
-        # the same parser called once halves the base64 work (3.5 ms per MB here).
-        data = decode_data_uri(url) if url[:5].lower() == "data:" else load_media_bytes(url)
+        if local is not None:
+            data = _read_local_file(str(local), where)
+        elif url[:5].lower() == "data:":
+            # Xinference's validation of a data: URL decodes it, and its loader decodes it
+            # again; the same parser called once halves the base64 work (3.5 ms per MB here).
+            data = decode_data_uri(url)
+        elif validate_media_url(url) == "file":  # the scheme policy and the address check, before connecting
+            data = _read_local_file(local_path(url), where)
+        else:
+            data = fetch_media(url)
+    except Ovis2RequestError:
+        raise
     except ValueError as exc:
-        message = str(exc)
-        limit = next((hint for needle, hint in _XINFERENCE_LIMITS if needle in message), None)
-        if limit:
-            raise Ovis2LimitError(f"{where}: {describe_url(url)}: {message} ({limit})") from None
-        raise Ovis2RequestError(f"{where}: {describe_url(url)}: {message}") from None
-    except Exception as exc:  # socket, urllib3 and TLS errors all mean "could not fetch"
+        raise _refusal(exc, url, where) from None
+    except Exception as exc:  # socket, urllib3, TLS and file errors all mean "could not fetch"
         reason = str(exc).removeprefix("None: ") or type(exc).__name__
         raise Ovis2RequestError(f"{where}: cannot fetch {describe_url(url)}: {reason}") from None
     if len(data) > _max_bytes():  # data: URLs are decoded without Xinference's download cap
@@ -137,13 +252,41 @@ def _check_pixels(width: int, height: int, where: str, limits: MediaLimits) -> N
         raise Ovis2RequestError(f"{where}: image has no pixels ({width}x{height})")
 
 
-def decode_image(data: bytes, where: str, limits: MediaLimits) -> Image.Image:
-    """Decode image bytes, checking the pixel count from the header before decoding."""
+def _check_jpeg_scans(data: bytes, where: str, limits: MediaLimits) -> None:
+    """Refuse a JPEG with too many scans before decoding it.
+
+    libjpeg passes over every block of the image once per scan, and a scan can be a few
+    dozen bytes, so a progressive JPEG of ordinary size can hold a million of them. Each
+    start-of-scan marker is counted (0xFF 0xDA cannot occur inside entropy-coded data;
+    markers inside metadata, such as an EXIF thumbnail's, only make the count larger).
+    """
+    scans = data.count(b"\xff\xda")
+    if scans > limits.max_jpeg_scans:
+        raise Ovis2LimitError(
+            f"{where}: the JPEG has {scans} scans, over the limit of {limits.max_jpeg_scans} ({ENV_MAX_JPEG_SCANS})"
+        )
+
+
+def _image_formats() -> List[str]:
+    Image.init()
+    return [name for name in Image.ID if name not in _REFUSED_IMAGE_FORMATS]
+
+
+def decode_image(data: bytes, where: str, limits: MediaLimits, budget: Optional[MediaBudget] = None) -> Image.Image:
+    """Decode image bytes, checking the pixel count from the header before decoding.
+
+    ``budget`` carries the request's pixel limit across its images. Only the first frame of
+    an animated GIF, PNG or WebP is decoded (``load`` decodes the current frame).
+    """
+    budget = MediaBudget(limits) if budget is None else budget
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(io.BytesIO(data), formats=_image_formats())
             _check_pixels(image.width, image.height, where, limits)
+            if image.format in ("JPEG", "MPO"):
+                _check_jpeg_scans(data, where, limits)
+            budget.take_pixels(image.width, image.height, 1, where)
             image.load()
     except Ovis2RequestError:
         raise
@@ -165,26 +308,77 @@ def _sample_indices(total: int, count: int) -> List[int]:
     return sorted({round(i * (total - 1) / (count - 1)) for i in range(count)}) if count > 1 else [0]
 
 
-def decode_video(data: bytes, where: str, limits: MediaLimits, frames: int) -> List[Image.Image]:
-    """Decode ``frames`` frames spread evenly over the whole video."""
+def _count_frames(container, stream, where: str, budget: MediaBudget) -> int:
+    """The video's frames (packets with data), charged to the request's source frame limit.
+
+    The container's own count, where it has one (MP4 does, Matroska does not), refuses a long
+    video before any demuxing; the demuxing stops at the limit either way.
+    """
+    width, height = stream.codec_context.width, stream.codec_context.height
+    allowed = budget.video_frames_left(width, height)
+    if stream.frames > allowed:
+        raise budget.video_limit_error(where, f"the video declares {stream.frames} frames", width, height)
+    total = 0
+    for packet in container.demux(stream):
+        if packet.size:
+            total += 1
+            if total > allowed:
+                raise budget.video_limit_error(where, f"the video has more than {allowed} frames", width, height)
+    budget.take_video_frames(total, width, height)
+    return total
+
+
+def _video_stream(container, where: str):
+    """The first video stream, with every other stream skipped by the demuxer rather than
+    handed to Python packet by packet (tiny audio packets would otherwise cost microseconds each)."""
+    from av.stream import Discard
+
+    if not container.streams.video:
+        raise Ovis2RequestError(f"{where}: the file has no video stream")
+    stream = container.streams.video[0]
+    for other in container.streams:
+        if other.index != stream.index:
+            other.discard = Discard.all
+    return stream
+
+
+def decode_video(
+    data: bytes, where: str, limits: MediaLimits, frames: int, budget: Optional[MediaBudget] = None
+) -> List[Image.Image]:
+    """Decode ``frames`` frames spread evenly over the whole video.
+
+    The sampled frames need every frame before them decoded, so the cost is the video's
+    length: ``budget`` bounds the source frames of the request's videos (frames above
+    1920x1080 counting in proportion to their size) and the pixels of the frames kept.
+    """
     import av
 
+    budget = MediaBudget(limits) if budget is None else budget
     try:
-        with av.open(io.BytesIO(data), mode="r") as container:
-            if not container.streams.video:
-                raise Ovis2RequestError(f"{where}: the file has no video stream")
-            stream = container.streams.video[0]
-            _check_pixels(stream.codec_context.width, stream.codec_context.height, where, limits)
-            total = sum(1 for packet in container.demux(stream) if packet.size)
-            if total == 0:
-                raise Ovis2RequestError(f"{where}: the video has no frames")
-            wanted = set(_sample_indices(total, frames))
-            container.seek(0)
-            images = []
-            for index, frame in enumerate(container.decode(stream)):
+        with av.open(io.BytesIO(data), mode="r", options=_VIDEO_OPEN_OPTIONS) as container:
+            stream = _video_stream(container, where)
+            width, height = stream.codec_context.width, stream.codec_context.height
+            _check_pixels(width, height, where, limits)
+            total = _count_frames(container, stream, where, budget)
+        if total == 0:
+            raise Ovis2RequestError(f"{where}: the video has no frames")
+        wanted = set(_sample_indices(total, frames))
+        last = max(wanted)
+        budget.take_pixels(width, height, len(wanted), where)
+        images = []
+        # Opened again rather than seeking back: raw streams (an .h264 file) cannot seek.
+        with av.open(io.BytesIO(data), mode="r", options=_VIDEO_OPEN_OPTIONS) as container:
+            for index, frame in enumerate(container.decode(_video_stream(container, where))):
+                if frame.width * frame.height > width * height:  # the size grew mid-stream: charged again
+                    if not budget.take_video_frames(1, frame.width, frame.height):
+                        detail = "its frames grow while decoding"
+                        raise budget.video_limit_error(where, detail, frame.width, frame.height)
+                    if index in wanted:
+                        _check_pixels(frame.width, frame.height, where, limits)
+                        budget.take_pixels(frame.width, frame.height, 1, where)
                 if index in wanted:
                     images.append(frame.to_image())
-                if len(images) == len(wanted):
+                if index >= last:
                     break
     except Ovis2RequestError:
         raise
