@@ -11,16 +11,19 @@ import math
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from openai import BadRequestError, OpenAI
 
 from conftest import TINY
 from ovis2_xinf.batching import BatchScheduler, RowOptions, kv_bytes_per_token
-from ovis2_xinf.errors import Ovis2RequestError
+from ovis2_xinf.errors import Ovis2LimitError, Ovis2RequestError
 from ovis2_xinf.generation import plan_sampling
 from ovis2_xinf.loader import load_tokenizer
 from ovis2_xinf.local_server import local_server
 from ovis2_xinf.request_fields import refuse_unsupported, top_logprobs
-from ovis2_xinf.structured import Grammars, requested
+from ovis2_xinf.structured import (ENV_MAX_CHOICES, ENV_MAX_GRAMMAR_BYTES, ENV_MAX_SCHEMA_BYTES,
+                                   ENV_MAX_SCHEMA_DEPTH, GrammarLimits, Grammars, requested)
 
 SCHEMA = {
     "type": "object",
@@ -76,6 +79,199 @@ def test_invalid_schema_is_a_400_naming_the_field(tiny_model):
     with pytest.raises(Ovis2RequestError) as info:
         grammars.compile(bad)
     assert str(info.value) == "response_format.json_schema.schema: Invalid type: strin"
+
+
+def _nested(depth: int) -> dict:
+    """``{"a": {"a": ...}}`` ``depth`` objects deep, built without recursion."""
+    root = inner = {}
+    for _ in range(depth - 1):
+        inner["a"] = {}
+        inner = inner["a"]
+    return root
+
+
+def _schema_request(schema) -> dict:
+    return {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}}
+
+
+# --- hostile constraints: refused as a 400 naming the field, before any cost is paid --------
+
+LIMITS = GrammarLimits()
+
+
+@pytest.fixture(scope="module")
+def grammars():
+    """A compiler on the bundled tokenizer alone (no model weights)."""
+    return Grammars(load_tokenizer(TINY), 576, 527)
+
+
+@pytest.mark.parametrize("config,needle", [
+    ({"guided_json": "{not json"}, "guided_json: not valid JSON"),
+    ({"guided_json": '{"maximum": NaN}'}, "guided_json: not valid JSON (NaN is not a JSON number)"),
+    ({"guided_json": '{"maximum": 1e400}'}, "guided_json: not JSON"),
+    ({"guided_json": "[1, 2]"}, "guided_json: must be a JSON schema object"),
+    ({"guided_choice": []}, "guided_choice: must be a non-empty list of strings"),
+    ({"guided_choice": ["a", 1]}, "guided_choice: must be a non-empty list of strings, item 1 is int"),
+    ({"guided_choice": ["\ud800"]}, "guided_choice[0]: not valid Unicode text"),
+    ({"guided_regex": ""}, "guided_regex: must be a non-empty string"),
+    ({"guided_grammar": ""}, "guided_grammar: must be a non-empty string"),
+    ({"guided_regex": ["a"]}, "guided_regex: must be a non-empty string"),
+    ({"guided_json_object": "yes"}, "guided_json_object: must be true or false"),
+    ({"guided_json_object": _nested(100_000)}, "guided_json_object: must be true or false, got <dict>"),
+    ({"response_format": {"type": _nested(100_000)}}, "response_format.type: <dict> is not one of"),
+    ({"response_format": {"type": 10**5000}}, "response_format.type: <int> is not one of"),
+    ({"guided_choice": [], "guided_regex": "a"}, "guided_choice and guided_regex: give one"),
+])
+def test_hostile_shapes_are_refused_naming_the_field(config, needle):
+    with pytest.raises(Ovis2RequestError) as info:
+        requested(config)
+    assert needle in str(info.value)
+
+
+def test_an_unset_flag_asks_for_nothing():
+    assert requested({"guided_json_object": False, "guided_regex": None}) == (None, None)
+
+
+@pytest.mark.parametrize("config,field,limit,env", [
+    ({"guided_json": "[" * 10_000}, "guided_json", LIMITS.schema_depth, ENV_MAX_SCHEMA_DEPTH),
+    ({"guided_json": '{"a":' * 65 + "{}" + "}" * 65}, "guided_json", LIMITS.schema_depth, ENV_MAX_SCHEMA_DEPTH),
+    ({"guided_json": _nested(100_000)}, "guided_json", LIMITS.schema_depth, ENV_MAX_SCHEMA_DEPTH),
+    (_schema_request(_nested(100_000)), "response_format.json_schema.schema", LIMITS.schema_depth,
+     ENV_MAX_SCHEMA_DEPTH),
+    ({"guided_json": json.dumps({"enum": ["x" * 100] * 700})}, "guided_json", LIMITS.schema_bytes,
+     ENV_MAX_SCHEMA_BYTES),
+    (_schema_request({"enum": list(range(10**6))}), "response_format.json_schema.schema", LIMITS.schema_bytes,
+     ENV_MAX_SCHEMA_BYTES),
+    (_schema_request({"type": "string", "pattern": "a" * (LIMITS.grammar_bytes + 1)}),
+     "response_format.json_schema.schema", LIMITS.grammar_bytes, ENV_MAX_GRAMMAR_BYTES),
+    ({"guided_choice": [str(i) for i in range(LIMITS.choices + 1)]}, "guided_choice", LIMITS.choices,
+     ENV_MAX_CHOICES),
+    ({"guided_choice": ["x" * 1000] * 17}, "guided_choice", LIMITS.grammar_bytes, ENV_MAX_GRAMMAR_BYTES),
+    ({"guided_regex": "a" * (LIMITS.grammar_bytes + 1)}, "guided_regex", LIMITS.grammar_bytes,
+     ENV_MAX_GRAMMAR_BYTES),
+    ({"guided_grammar": "start: " + '"a" ' * 5000}, "guided_grammar", LIMITS.grammar_bytes, ENV_MAX_GRAMMAR_BYTES),
+], ids=["text-depth", "text-depth-just-over", "object-depth", "response-format-depth", "text-bytes",
+        "object-bytes", "pattern-bytes", "choices", "choice-bytes", "regex-bytes", "grammar-bytes"])
+def test_limits_are_checked_before_parsing_or_compiling(config, field, limit, env):
+    with pytest.raises(Ovis2LimitError) as info:
+        requested(config)
+    message = str(info.value)
+    assert message.startswith(f"{field}: ") and f"limit of {limit} " in message and f"(setting: {env})" in message
+
+
+@pytest.mark.parametrize("config,field", [
+    ({"guided_regex": "(" * 10_000}, "guided_regex"),
+    ({"guided_regex": "a{2,1}"}, "guided_regex"),
+    ({"guided_grammar": "start: " + "(" * 5000 + '"a"' + ")" * 5000}, "guided_grammar"),
+    ({"guided_grammar": "start: nowhere"}, "guided_grammar"),
+    ({"guided_json": {"type": "object", "properties": {"a": {"type": "strin"}}}}, "guided_json"),
+    ({"guided_json": {"$ref": "#/nowhere"}}, "guided_json"),
+])
+def test_llguidance_errors_are_a_short_400_naming_the_field(grammars, config, field):
+    with pytest.raises(Ovis2RequestError) as info:
+        grammars.compile(config)
+    message = str(info.value)
+    assert message.startswith(f"{field}: ") and len(message) <= len(field) + 2 + 300
+    assert "<non-verbose/>" not in message
+
+
+def test_constraints_just_within_the_limits_compile(grammars):
+    schema = _nested(LIMITS.schema_depth)
+    schema["description"] = ""
+    schema["description"] = "x" * (LIMITS.schema_bytes - len(json.dumps(schema, separators=(",", ":"))))
+    assert len(json.dumps(schema, separators=(",", ":"))) == LIMITS.schema_bytes
+    pattern = "[a-z]" * (LIMITS.grammar_bytes // 5)
+    width = LIMITS.grammar_bytes // LIMITS.choices
+    for config in (_schema_request(schema), {"guided_json": json.dumps(schema, separators=(",", ":"))},
+                   {"guided_json": {"type": "string", "pattern": pattern}}, {"guided_regex": pattern},
+                   {"guided_choice": [f"{i:0{width}d}" for i in range(LIMITS.choices)]}):
+        assert grammars.compile(config) is not None
+
+
+def test_recursion_that_would_overflow_a_thread_stack_is_survived(grammars):
+    """Both build a recursion in llguidance's compile of some 13-19 MiB of stack, more than the 8 MiB
+    of a main thread: without the compile thread's own stack this test kills pytest."""
+    rules = "".join(f"r{i}:{'(' * 24}r{i + 1}{')' * 24}\n" for i in range(270))
+    grammar = f"start: r0\n{rules}r270: \"y\"\n"
+    assert len(grammar) < LIMITS.grammar_bytes
+    assert grammars.compile({"guided_grammar": grammar}) is not None
+    chain = {f"d{i}": {"prefixItems": [{"prefixItems": [{"prefixItems": [{"$ref": f"#/d{i + 1}"}]}]}]}
+             for i in range(800)}
+    chain.update({"d800": {"type": "integer"}, "$ref": "#/d0"})
+    assert len(json.dumps(chain, separators=(",", ":"))) < LIMITS.schema_bytes
+    try:
+        grammars.compile(_schema_request(chain))
+    except Ovis2RequestError as exc:
+        assert str(exc).startswith("response_format.json_schema.schema: ")
+
+
+def test_a_schema_of_exactly_the_limit_is_never_refused_as_larger():
+    """The walk over a parsed schema refuses on a lower bound of its size: never above the real one."""
+    schema = {"a": [1, "é", None, {"b": [True, 2.5, {}], "": []}], "c": {"d": "x" * 50}, "e": []}
+    size = len(json.dumps(schema, separators=(",", ":"), ensure_ascii=False).encode())
+    kind, text = requested({"guided_json": schema}, GrammarLimits(schema_bytes=size))
+    assert kind == "json_schema" and len(text.encode()) == size
+    with pytest.raises(Ovis2LimitError):
+        requested({"guided_json": schema}, GrammarLimits(schema_bytes=size - 1))
+
+
+def test_limits_come_from_the_environment():
+    assert GrammarLimits.from_env({}) == GrammarLimits()
+    env = {ENV_MAX_SCHEMA_BYTES: "1024", ENV_MAX_SCHEMA_DEPTH: " 8 ", ENV_MAX_GRAMMAR_BYTES: "100",
+           ENV_MAX_CHOICES: "3"}
+    limits = GrammarLimits.from_env(env)
+    assert limits == GrammarLimits(schema_bytes=1024, schema_depth=8, grammar_bytes=100, choices=3)
+    with pytest.raises(Ovis2LimitError, match=ENV_MAX_CHOICES):
+        requested({"guided_choice": ["a", "b", "c", "d"]}, limits)
+    assert requested({"guided_choice": ["a", "b", "c", "d"]}) == ("guided_choice", ["a", "b", "c", "d"])
+
+
+@pytest.mark.parametrize("name,raw", [
+    (ENV_MAX_SCHEMA_BYTES, "64k"), (ENV_MAX_SCHEMA_BYTES, "0"), (ENV_MAX_SCHEMA_BYTES, str(1 << 30)),
+    (ENV_MAX_SCHEMA_DEPTH, "-1"), (ENV_MAX_SCHEMA_DEPTH, "1000"), (ENV_MAX_GRAMMAR_BYTES, "1.5"),
+    (ENV_MAX_CHOICES, "many"),
+])
+def test_a_bad_limit_setting_fails_at_load(name, raw):
+    with pytest.raises(ValueError, match=name):
+        GrammarLimits.from_env({name: raw})
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=20,
+)
+SCHEMA_WORDS = st.sampled_from(["type", "object", "string", "integer", "array", "properties", "items", "enum",
+                                "pattern", "anyOf", "allOf", "$ref", "#", "#/$defs/a", "$defs", "required",
+                                "minItems", "maxLength", "const", "additionalProperties", "x-guidance"])
+SCHEMAS = st.recursive(
+    st.none() | st.booleans() | st.integers(-5, 5) | SCHEMA_WORDS | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(SCHEMA_WORDS, inner, max_size=4),
+    max_leaves=16,
+)
+FIELDS = ("guided_json", "guided_choice", "guided_regex", "guided_grammar", "response_format")
+HOSTILE_REQUESTS = st.one_of(
+    st.builds(lambda v: {"guided_json": v}, JSON_VALUES | SCHEMAS),
+    st.builds(lambda v: {"guided_json": json.dumps(v)}, SCHEMAS),
+    st.builds(lambda v: {"guided_json": v}, st.text(alphabet="{}[]\":,ab1 \\", max_size=40)),
+    st.builds(lambda v: {"guided_choice": v}, JSON_VALUES | st.lists(st.text(max_size=6), max_size=5)),
+    st.builds(lambda v: {"guided_regex": v},
+              st.text(max_size=30) | st.text(alphabet="()[]{}|*+?ab\\,0-9^$.", max_size=30)),
+    st.builds(lambda v: {"guided_grammar": v}, st.text(max_size=30) | st.just("start: /a+/ | b\nb: \"x\"")),
+    st.builds(lambda v: {"response_format": v}, JSON_VALUES),
+    st.builds(lambda v: {"response_format": {"type": "json_schema", "json_schema": {"schema": v}}}, SCHEMAS),
+)
+
+
+@settings(max_examples=150, deadline=3000, suppress_health_check=[HealthCheck.too_slow])
+@given(config=HOSTILE_REQUESTS)
+def test_any_request_compiles_or_is_a_400(grammars, config):
+    """Whatever a client sends in these fields, the answer is a grammar or a 400 naming the field:
+    never another exception (a 500), a recursion error or a crash."""
+    try:
+        grammars.compile(config)
+    except Ovis2RequestError as exc:
+        assert str(exc).startswith(FIELDS)
 
 
 @pytest.mark.parametrize("config,needle", [
@@ -203,6 +399,20 @@ def test_invalid_schema_and_refused_fields_over_http(served):
         client.chat.completions.create(model=uid, messages=MESSAGES, max_tokens=5, n=2)
     assert info.value.response.json()["detail"].startswith("n: 2 choices were asked for")
     assert client.chat.completions.create(model=uid, messages=MESSAGES, max_tokens=2, n=1).choices
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("extra_body,detail", [
+    ({"guided_json": "{not json"}, "guided_json: not valid JSON"),
+    ({"guided_json": "[" * 10_000}, "guided_json: the schema nests 10000 levels"),
+    ({"guided_choice": []}, "guided_choice: must be a non-empty list of strings"),
+    ({"guided_regex": "a" * 20_000}, "guided_regex: 20000 bytes, over the limit of 16384"),
+])
+def test_hostile_constraints_over_http_are_a_400(served, extra_body, detail):
+    client, uid = served
+    with pytest.raises(BadRequestError) as info:
+        client.chat.completions.create(model=uid, messages=MESSAGES, max_tokens=5, extra_body=extra_body)
+    assert info.value.response.json()["detail"].startswith(detail)
 
 
 @pytest.mark.integration
