@@ -5,7 +5,8 @@ Sections: ``preprocess``, ``detokenize``, ``memory``, ``serving`` (overhead, loa
 ``scheduler`` (the batching scheduler in this process, no server, against the batched forward;
 and what one OpenMP team kept by another thread costs the batched forward),
 ``multiturn`` (reuse across turns: a 4-turn chat about one image, cold against warm TTFT),
-``grammar`` (structured output: llguidance compile time and mask cost per token against a decode step).
+``grammar`` (structured output: llguidance compile time and mask cost per token against a decode step),
+``hostile`` (a plain text request's latency while 8 requests ask for the most work the limits allow).
 ``--model tiny`` uses the bundled fixture (quick); ``--model 1b`` builds a random
 checkpoint with the real Ovis2-1B dimensions locally first (several GB, minutes).
 ``--smoke`` runs everything on the tiny fixture with the fewest repetitions: CI uses it
@@ -25,7 +26,8 @@ from typing import Any, Dict, List
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "src" / "ovis2_xinf" / "assets" / "tiny-ovis2"
 TINY_GPTQ = ROOT / "tests" / "fixtures" / "tiny-ovis2-gptq-int4"
-SECTIONS = ("preprocess", "detokenize", "memory", "serving", "concurrency", "scheduler", "multiturn", "grammar")
+SECTIONS = ("preprocess", "detokenize", "memory", "serving", "concurrency", "scheduler", "multiturn", "grammar",
+            "hostile")
 
 
 def _table(rows: List[Dict[str, Any]], columns: List[str]) -> str:
@@ -254,6 +256,22 @@ def plot(result: Dict[str, Any], path: Path) -> bool:
     return True
 
 
+def run_hostile(args, paths) -> Dict[str, Any]:
+    from . import hostile
+
+    result = hostile.run(paths["pytorch"], concurrent=2 if args.smoke else 8, repeats=1 if args.smoke else 3,
+                         scale=0.01 if args.smoke else 1.0, max_tokens=8 if args.smoke else 256)
+    shape = result["heavy_request"]
+    print(f"{result['concurrent']} requests of {shape['images']} images of {shape['side']}x{shape['side']} at "
+          f"max_partition {shape['max_partition']}, {shape['max_tokens']} tokens each; took "
+          f"{_num(min(result['heavy_s'], default=None))}-{_num(max(result['heavy_s'], default=None))} s")
+    loaded = result["loaded_s"]
+    print(f"plain text request alone: {', '.join(_num(t) for t in result['alone_s'])} s; under that load "
+          f"({len(loaded)} sent): median {_num(sorted(loaded)[len(loaded) // 2])} s, worst {_num(max(loaded))} s; "
+          f"bound 2 x alone + 1 s = {_num(result['bound_s'])} s; met: {result['verdict']['met']}")
+    return result
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -289,7 +307,7 @@ def main(argv=None) -> int:
     }
     args.workdir.mkdir(parents=True, exist_ok=True)
     paths = (_checkpoints(args.model, args.workdir, gptq="memory" in sections)
-             if {"memory", "serving", "concurrency", "scheduler", "multiturn"} & set(sections) else {})
+             if {"memory", "serving", "concurrency", "scheduler", "multiturn", "hostile"} & set(sections) else {})
     for section in sections:
         print(f"\n== {section}", flush=True)
         if section == "preprocess":
@@ -306,6 +324,8 @@ def main(argv=None) -> int:
             result["sections"][section] = run_concurrency(args, paths)
         elif section == "scheduler":
             result["sections"][section] = run_scheduler(args, paths)
+        elif section == "hostile":
+            result["sections"][section] = run_hostile(args, paths)
         else:
             result["sections"][section] = run_serving(args, paths, args.workdir)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -444,3 +444,59 @@ def test_work_in_a_passing_thread_raises_its_error():
 
     with pytest.raises(OSError, match="model.safetensors: missing"):
         run_in_own_thread(fail)
+
+
+def test_the_scheduler_computes_with_the_cores_other_work_leaves(tiny_model):
+    free = {"cores": 1}
+    seen = []
+    layer = tiny_model.model.model.get_decoder().layers[0]
+    hook = layer.register_forward_pre_hook(lambda module, args: seen.append(torch.get_num_threads()))
+    run = BatchScheduler(tiny_model.model, 4, 1 << 30, kv_bytes_per_token(tiny_model.model.config, tiny_model.dtype),
+                         compute_threads=lambda: free["cores"])
+    try:
+        first = tokens(run.submit({"input_ids": TEXT_IDS, "attention_mask": torch.ones_like(TEXT_IDS)},
+                                  greedy(TEXT_IDS.shape[1], max_tokens=4)))
+        assert set(seen) == {1}
+        seen.clear()
+        free["cores"] = 2
+        again = tokens(run.submit({"input_ids": TEXT_IDS, "attention_mask": torch.ones_like(TEXT_IDS)},
+                                  greedy(TEXT_IDS.shape[1], max_tokens=4)))
+        assert set(seen) == {2} and again == first
+    finally:
+        hook.remove()
+        run.close()
+
+
+class _FailingGrammar:
+    """A grammar that compiled but fails at its second token (as llguidance's per-token limits can)."""
+
+    finished = False
+
+    def __init__(self):
+        self.accepted = 0
+
+    def mask(self, scores):
+        return scores.clone()
+
+    def accept(self, token):
+        self.accepted += 1
+        if self.accepted == 2:
+            raise RuntimeError("too many expressions constructed")
+
+
+def test_a_row_whose_grammar_fails_mid_answer_ends_alone(tiny_model):
+    from ovis2_xinf.batching import RowOptions
+
+    run = scheduler(tiny_model)
+    try:
+        steady = run.submit(case_inputs(tiny_model, "text_only"), greedy(TEXT_IDS.shape[1], max_tokens=24))
+        first = next(steady)
+        failing = run.submit({"input_ids": TEXT_IDS, "attention_mask": torch.ones_like(TEXT_IDS)},
+                             greedy(TEXT_IDS.shape[1], max_tokens=24), options=RowOptions(grammar=_FailingGrammar()))
+        with pytest.raises(RuntimeError, match="too many expressions"):
+            tokens(failing)
+        rest = first + tokens(steady)
+        alone = tokens(run.submit(case_inputs(tiny_model, "text_only"), greedy(TEXT_IDS.shape[1], max_tokens=24)))
+        assert rest == alone
+    finally:
+        run.close()

@@ -62,6 +62,9 @@ def test_benchmarks_smoke(tmp_path):
     assert [r["case"] for r in grammar["rows"]] == ["test_schema", "receipt", "json_object"]
     assert all(r["per_token_ms"] > 0 and r["answers_failed"] == 0 for r in grammar["rows"])
     assert "target_met" in grammar["verdict"]
+    hostile = sections["hostile"]
+    assert hostile["concurrent"] == 2 and len(hostile["heavy_s"]) == 2 and not hostile["heavy_errors"]
+    assert hostile["alone_s"] and hostile["loaded_s"] and "met" in hostile["verdict"]
 
 
 def test_decode_rate_leaves_out_runs_streamed_in_one_chunk(monkeypatch):

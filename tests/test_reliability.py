@@ -35,8 +35,8 @@ INVALID = {
                       "Invalid base64"),
     "unknown type": ([{"role": "user", "content": [{"type": "audio_url", "audio_url": {"url": "x"}}]}],
                      "unsupported content type"),
-    # Xinference itself refuses tool messages for this family before the model sees them.
-    "tool role": ([{"role": "tool", "content": "x"}], "tool messages"),
+    # Refused before Xinference's own check, whose message lists every tool-calling family.
+    "tool role": ([{"role": "tool", "content": "x"}], "messages[0].role: 'tool' is not supported by Ovis2"),
     "not an image": ([{"role": "user", "content": [{"type": "image_url", "image_url": {
         "url": "data:image/png;base64," + base64.b64encode(b"plain text, not a picture").decode()}}]}],
                      "not a decodable image"),

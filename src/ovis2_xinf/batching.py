@@ -321,7 +321,7 @@ class BatchScheduler:
 
     def __init__(self, model: Any, max_num_seqs: int, kv_budget_bytes: int, bytes_per_token: int,
                  reuse: Optional[ReuseCache] = None, name: str = "ovis2-batch",
-                 prefill_slice: Optional[float] = None):
+                 prefill_slice: Optional[float] = None, compute_threads: Optional[Callable[[], int]] = None):
         if max_num_seqs < 1:
             raise ValueError(f"max_num_seqs: must be at least 1, got {max_num_seqs}")
         if prefill_slice is not None and prefill_slice < 0:
@@ -347,6 +347,8 @@ class BatchScheduler:
         self._prefill_task: Optional[greenlet.greenlet] = None  # the prefill under way, paused or running
         self._prefilling: Optional[_Row] = None
         self._slice_start = 0.0
+        self._compute_threads = compute_threads
+        self._threads = 0  # torch threads this thread computes with, set at its first step
         layers = _decoder_layers(model) + _vision_layers(model)
         self._hooks = [layer.register_forward_pre_hook(self._at_layer) for layer in layers]
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
@@ -529,8 +531,23 @@ class BatchScheduler:
             if self._active:
                 self._step()
 
+    def _fit_threads(self) -> None:
+        """Compute with the cores no other work of this process holds (``compute_threads``).
+
+        An OpenMP team with more threads than free cores makes every barrier of every
+        operation wait for a thread the OS has given another's turn: a step of small
+        operations then runs tens of times slower than with one thread fewer.
+        """
+        if self._compute_threads is None:
+            return
+        wanted = max(1, self._compute_threads())
+        if wanted != self._threads:
+            torch.set_num_threads(wanted)
+            self._threads = wanted
+
     def _prefill(self, row: _Row) -> None:
         """Prefill ``row``, running one decode step of the batch each time the prefill pauses."""
+        self._fit_threads()
         task = greenlet.greenlet(self._prefill_row)
         task.gr_context = contextvars.copy_context()
         self._prefill_task, self._prefilling = task, row
@@ -627,6 +644,7 @@ class BatchScheduler:
             self.reuse.put_prefix(row.history[:row.position].tolist(), row.images, cache)
 
     def _step(self) -> None:
+        self._fit_threads()
         rows = self._active
         device = self._device
         ids = torch.tensor([[r.last_token] for r in rows], device=device)
@@ -667,7 +685,13 @@ class BatchScheduler:
                 self._leave(row, index)
                 logger.info("generation stopped after %d tokens: its consumer stopped reading", row.produced)
                 continue
-            token = row.take(argmax[index]) if greedy[index] else row.choose(out.logits[index, -1])
+            try:
+                token = row.take(argmax[index]) if greedy[index] else row.choose(out.logits[index, -1])
+            except Exception as exc:  # its grammar or sampling failed: this row alone ends
+                logger.warning("a row failed choosing its token: %s: %s", type(exc).__name__, exc)
+                row.send(exc)
+                row.send(_END)
+                continue
             row.send(token)
             if row.finished(token):
                 self._leave(row, index)

@@ -52,7 +52,7 @@ def plan_sampling(
     """Merge request settings over the checkpoint's generation_config.json."""
     if prompt_tokens >= context_length:
         raise Ovis2LimitError(
-            f"prompt: {prompt_tokens} tokens (text and image tokens together) reach the "
+            f"messages: the prompt's {prompt_tokens} tokens (text and image tokens together) reach the "
             f"context length of {context_length}; send fewer or smaller images or less text"
         )
     defaults = {**SAMPLING_DEFAULTS, **{k: v for k, v in checkpoint_defaults.items() if k in SAMPLING_DEFAULTS}}

@@ -19,10 +19,12 @@ model process, and a client that disconnects could not stop its generation (see 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 import logging
 import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 import time
 import uuid
 from dataclasses import dataclass
@@ -32,18 +34,18 @@ import torch
 from xinference.model.llm.transformers.core import PytorchChatModel
 
 from .checkpoint import config_digest_note, tokens_per_crop
-from .errors import Ovis2RequestError
+from .errors import Ovis2LimitError, Ovis2RequestError
 from .batching import BatchScheduler, RowOptions, default_kv_budget, kv_bytes_per_token, run_in_own_thread
 from .linear_kernels import choose_linear_kernels
 from .generation import SamplingPlan, TextEvent, plan_sampling, stream_text
 from .logprobs import TokenText
 from .logprobs import content as logprob_content
 from .request_fields import refuse_unsupported, top_logprobs
-from .structured import Grammars, requested
+from .structured import GrammarLimits, Grammars, requested
 from .media import MediaLimits
-from .messages import build_conversation
-from .preprocessing import Ovis2ImagePreprocessor
-from .prompt import EncodedPrompt, encode
+from .messages import MEDIA_TYPES, build_conversation
+from .preprocessing import DEFAULT_MAX_PARTITION_LIMIT, MAX_PARTITION_CEILING, Ovis2ImagePreprocessor
+from .prompt import EncodedPrompt, encode, image_tokens
 from .resample import hold_whole_images
 from .reuse import ImageRef, ReuseCache, default_reuse_budget, image_key
 
@@ -53,6 +55,12 @@ SUPPORTED_FORMATS = ("pytorch", "gptq")
 KV_BUDGET_ENV = "OVIS2_XINF_KV_CACHE_BUDGET_MIB"
 REUSE_BUDGET_ENV = "OVIS2_XINF_REUSE_CACHE_MIB"
 PREFILL_SLICE_ENV = "OVIS2_XINF_PREFILL_SLICE_MS"
+MAX_PARTITION_ENV = "OVIS2_XINF_MAX_PARTITION"
+MEDIA_WORKERS_ENV = "OVIS2_XINF_MEDIA_WORKERS"
+DEFAULT_MEDIA_WORKERS = 2
+#: Niceness of the threads that fetch, decode and resize media: a request's images must not
+#: take the cores from the scheduler thread that decodes every other request's tokens.
+MEDIA_NICENESS = 10
 # Long enough that a chat prompt's prefill (0.45 s on 1B shapes, 2 CPU cores) never pauses, so a
 # newcomer's TTFT under load stays that of its own prefill; an image's (4.5 s) pauses 3 times.
 DEFAULT_PREFILL_SLICE_S = 1.0
@@ -108,11 +116,60 @@ def prefill_slice_option(config: Dict[str, Any]) -> Optional[float]:
     return number / 1000 if number else None
 
 
+def max_partition_limit(config: Dict[str, Any]) -> int:
+    """The most crops per image a request may ask for (launch option, else environment)."""
+    number = _number_option(config, "max_partition_limit", MAX_PARTITION_ENV, "crops", positive=True)
+    if number is None:
+        return DEFAULT_MAX_PARTITION_LIMIT
+    if number != int(number) or number > MAX_PARTITION_CEILING:
+        raise ValueError(f"max_partition_limit / {MAX_PARTITION_ENV}: must be an integer from 1 to "
+                         f"{MAX_PARTITION_CEILING}, got {number!r}")
+    return int(number)
+
+
+def media_workers(config: Dict[str, Any]) -> int:
+    """How many requests may fetch, decode and resize media at once (launch option, else environment)."""
+    number = _number_option(config, "media_workers", MEDIA_WORKERS_ENV, "threads", positive=True)
+    if number is None:
+        return DEFAULT_MEDIA_WORKERS
+    if number != int(number):
+        raise ValueError(f"media_workers / {MEDIA_WORKERS_ENV}: must be a positive integer, got {number!r}")
+    return int(number)
+
+
+def _lower_priority() -> None:
+    """Make this thread yield the cores to the scheduler's (Linux niceness is per thread)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), MEDIA_NICENESS)
+    except (AttributeError, OSError):  # no per-thread niceness here: the pool size still bounds the work
+        logger.debug("ovis2: media threads keep their priority", exc_info=True)
+
+
+def _has_media(messages: Any) -> bool:
+    """Whether preparing a request fetches or decodes media (then it runs on the media threads)."""
+    if not isinstance(messages, list):
+        return False
+    for message in messages:
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, list) and any(
+                isinstance(p, dict) and isinstance(p.get("type"), str) and p["type"] in MEDIA_TYPES for p in content):
+            return True
+    return False
+
+
 def _finish_reason(reason: str, options: RowOptions) -> str:
     """A grammar that has nothing left to allow ends the answer as a stop, not a length cut."""
     if reason == "length" and options.grammar is not None and options.grammar.finished:
         return "stop"
     return reason
+
+
+def _check_partition(value: Any, limit: int, field: str, error: type) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise error(f"{field}: must be a positive integer, got {value!r}")
+    if value > limit:
+        raise error(f"{field}: {value} is over the limit of {limit} crops per image "
+                    f"(launch option max_partition_limit, or {MAX_PARTITION_ENV})")
 
 
 @dataclass
@@ -208,8 +265,18 @@ class Ovis2NativeChatModel(PytorchChatModel):
             or min(self.model_family.context_length or 32768, text_config.max_position_embeddings)
         )
         self._limits = MediaLimits.from_env()
+        self._max_partition_limit = max_partition_limit(config)
+        launch_partition = config.get("max_partition")
+        if launch_partition is not None:
+            _check_partition(launch_partition, self._max_partition_limit, "max_partition", ValueError)
+        self._media_pool = ThreadPoolExecutor(media_workers(config), thread_name_prefix="ovis2-media",
+                                              initializer=_lower_priority)
+        self._media_busy = 0  # media threads working now; the scheduler computes on the other cores
+        self._media_lock = threading.Lock()
         hold_whole_images(self._limits.max_image_pixels)  # request images are then read in place
+        self._cores = torch.get_num_threads()
         self._scheduler = self._start_scheduler(config, loaded)
+        self._grammar_limits = GrammarLimits.from_env()  # a bad setting fails the launch, not a request
         self._grammar_compiler: Optional[Grammars] = None
         self._grammar_lock = threading.Lock()
         self._token_text = TokenText(self._tokenizer)
@@ -241,12 +308,30 @@ class Ovis2NativeChatModel(PytorchChatModel):
             tuned = choose_linear_kernels(loaded.model, max_num_seqs)
             logger.info("Ovis2 on CPU: %d language-model linears choose their kernel per decode batch size", len(tuned))
         return BatchScheduler(loaded.model, max_num_seqs, budget, per_token, reuse=self._reuse,
-                              prefill_slice=prefill_slice)
+                              prefill_slice=prefill_slice,
+                              compute_threads=self._compute_threads if device.type == "cpu" else None)
+
+    def _compute_threads(self) -> int:
+        """Threads the scheduler computes with: the cores the media threads leave."""
+        return self._cores - self._media_busy
+
+    def _prepare_media(self, messages: List[Dict], config: Dict[str, Any]) -> _Prepared:
+        """:meth:`_prepare` on a media thread, counted so the scheduler leaves it a core."""
+        with self._media_lock:
+            self._media_busy += 1
+        try:
+            return self._prepare(messages, config)
+        finally:
+            with self._media_lock:
+                self._media_busy -= 1
 
     def stop(self) -> None:
         scheduler = getattr(self, "_scheduler", None)
         if scheduler is not None:
             scheduler.close()
+        pool = getattr(self, "_media_pool", None)
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
         super().stop()
 
     def _read_generation_defaults(self) -> Dict[str, Any]:
@@ -279,13 +364,26 @@ class Ovis2NativeChatModel(PytorchChatModel):
 
     def _prepare(self, messages: List[Dict], config: Dict[str, Any]) -> _Prepared:
         max_partition = self._option(config, "max_partition")
+        if max_partition is not None:
+            _check_partition(max_partition, self._max_partition_limit, "mm_processor_kwargs.max_partition",
+                             Ovis2LimitError)
         video_frames = self._option(config, "video_frames")
-        for name, value in (("max_partition", max_partition), ("video_frames", video_frames)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise Ovis2RequestError(f"{name}: must be a positive integer, got {value!r}")
+        if video_frames is not None and (isinstance(video_frames, bool) or not isinstance(video_frames, int)
+                                         or video_frames < 1):
+            raise Ovis2RequestError(f"mm_processor_kwargs.video_frames: must be a positive integer, got {video_frames!r}")
         conversation = build_conversation(messages, self._limits, max_partition, video_frames)
+        # The images' tokens are known from their sizes alone: a request they cannot fit is
+        # refused before any pixel is resized, and the text is measured against what is left.
+        grids = [self._preprocessor.grid(i.width, i.height, conversation.max_partition) for i in conversation.images]
+        images_tokens = sum(image_tokens(grid, self._tokens_per_crop) for grid in grids)
+        if images_tokens >= self._context_length:
+            raise Ovis2LimitError(
+                f"messages: {len(grids)} image(s) at max_partition {conversation.max_partition} take "
+                f"{images_tokens} tokens, reaching the context length of {self._context_length}; send fewer "
+                "or smaller images or a lower max_partition")
         processed = self._preprocessor.batch(conversation.images, conversation.max_partition)
-        encoded = encode(self._tokenizer, conversation.turns, processed, self._loaded.placeholders, self._tokens_per_crop)
+        encoded = encode(self._tokenizer, conversation.turns, processed, self._loaded.placeholders,
+                         self._tokens_per_crop, max_tokens=self._context_length)
         plan = plan_sampling(
             config,
             self._generation_defaults,
@@ -296,7 +394,7 @@ class Ovis2NativeChatModel(PytorchChatModel):
         )
         options = config.get("stream_options") or {}
         keys = [image_key(p.pixel_values) for p in processed] if self._reuse.enabled else []
-        grammar = self._grammars().compile(config) if requested(config)[0] is not None else None
+        grammar = self._grammars().compile(config) if requested(config, self._grammar_limits)[0] is not None else None
         return _Prepared(encoded, plan, bool(isinstance(options, dict) and options.get("include_usage")),
                          keys, [int(p.pixel_values.shape[0]) for p in processed], grammar, top_logprobs(config))
 
@@ -329,7 +427,7 @@ class Ovis2NativeChatModel(PytorchChatModel):
         with self._grammar_lock:
             if self._grammar_compiler is None:
                 vocab_size = self._model.get_output_embeddings().weight.shape[0]
-                self._grammar_compiler = Grammars(self._tokenizer, vocab_size, self._eos_ids[0])
+                self._grammar_compiler = Grammars(self._tokenizer, vocab_size, self._eos_ids[0], self._grammar_limits)
             return self._grammar_compiler
 
     def _logprobs(self, options: RowOptions, start: int, end: int) -> Optional[Dict[str, Any]]:
@@ -356,7 +454,13 @@ class Ovis2NativeChatModel(PytorchChatModel):
         config = dict(generate_config or {})
         logger.debug("chat request options: %s", sorted(config))
         refuse_unsupported(config)
-        prepared = await asyncio.to_thread(self._prepare, messages, config)  # media, images, tokens
+        # Media work runs on its own few low-priority threads, so requests with many or large
+        # images queue there and neither Xinference's pool nor the cores are taken from the rest.
+        media = _has_media(messages)
+        context = contextvars.copy_context()
+        prepared = await asyncio.get_running_loop().run_in_executor(
+            self._media_pool if media else None, context.run, self._prepare_media if media else self._prepare,
+            messages, config)  # media, images, tokens
         if config.get("stream"):
             return self._stream_chunks(prepared)
         return await self._complete(prepared)

@@ -25,6 +25,12 @@ from .resample import PixelSource
 IMAGE_ATOM = "atom"
 INDICATORS = ("start", "separator", "col", "row", "end")
 COVERING_THRESHOLD = 0.9
+#: Crops per image a request may ask for, unless the launch says otherwise. The AIDC-AI code
+#: and cards use 9 (one image), 4 (several) and 1 (video); 16 leaves room for large documents.
+DEFAULT_MAX_PARTITION_LIMIT = 16
+#: The highest limit a launch may set: choosing a grid costs about max_partition² · log
+#: box evaluations in Python, a few milliseconds at 64.
+MAX_PARTITION_CEILING = 64
 
 Grid = Tuple[int, int]
 Box = Tuple[int, int, int, int]
@@ -60,16 +66,16 @@ def choose_grid(width: int, height: int, side: int, max_partition: int) -> Grid:
     """The smallest grid covering more than 90% of the image at crop resolution.
 
     Ties go to the higher covering ratio; if no grid covers enough, the best-covering
-    grid wins, ties going to fewer crops.
+    grid wins, ties going to fewer crops. Only grids within ``max_partition`` are visited,
+    in the original's order (rows, then columns) and with its summation order, so ties
+    and float rounding resolve exactly as there.
     """
     if max_partition < 1:
         raise ValueError(f"max_partition must be at least 1, got {max_partition}")
     area = width * height
     scored = []
     for rows in range(1, max_partition + 1):
-        for cols in range(1, max_partition + 1):
-            if rows * cols > max_partition:
-                continue
+        for cols in range(1, max_partition // rows + 1):
             ratio = sum(_covering_area(b, side) for b in partition(width, height, (rows, cols))) / area
             scored.append(((rows, cols), ratio))
     good = [item for item in scored if item[1] > COVERING_THRESHOLD]
@@ -133,11 +139,16 @@ class Ovis2ImagePreprocessor:
 
     def boxes(self, width: int, height: int, max_partition: int) -> Tuple[Grid, List[Box]]:
         """The grid and the boxes to resize: the whole image first when there are several crops."""
-        grid = choose_grid(width, height, self.side, max_partition)
+        grid = self.grid(width, height, max_partition)
         boxes = partition(width, height, grid)
         if len(boxes) > 1:
             boxes.insert(0, (0, 0, width, height))
         return grid, boxes
+
+    def grid(self, width: int, height: int, max_partition: int) -> Grid:
+        """The grid an image gets, without resizing anything: a request's cost is checked with
+        it before any pixel is resized."""
+        return choose_grid(width, height, self.side, max_partition)
 
     def placement(self, width: int, height: int) -> Tuple[int, int, int, int]:
         """(width, height, top, left) of a crop in its square: the long side becomes the crop

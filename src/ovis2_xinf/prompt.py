@@ -13,7 +13,8 @@ from typing import Dict, List, Literal, Optional, Sequence, Tuple
 import torch
 
 from .checkpoint import PlaceholderIds
-from .preprocessing import IMAGE_ATOM, INDICATORS, ProcessedImage
+from .errors import Ovis2LimitError
+from .preprocessing import IMAGE_ATOM, INDICATORS, Grid, ProcessedImage, placeholder_layout
 
 IMAGE_MARKER = "<image>"
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
@@ -23,6 +24,9 @@ ROLE_PREFIX = {
     "gpt": "<|im_start|>assistant\n",
 }
 TURN_END = "<|im_end|>\n"
+#: Text longer than this is first counted slice by slice, stopping once it cannot fit the
+#: context, so a huge text costs what a context's worth of it costs, not its whole length.
+TEXT_SLICE = 1 << 15
 Speaker = Literal["system", "human", "gpt"]
 
 
@@ -56,16 +60,55 @@ class EncodedPrompt:
     image_spans: List[Tuple[int, int]]
 
 
-def _symbolic_ids(tokenizer, pieces: Sequence[str], images: Sequence[ProcessedImage]
-                  ) -> Tuple[List[object], List[Tuple[int, int]]]:
+def image_tokens(grid: Grid, tokens_per_crop: int) -> int:
+    """Tokens one image takes in the prompt: its indicators and ``tokens_per_crop`` per crop."""
+    return sum(tokens_per_crop if item == IMAGE_ATOM else 1 for item in placeholder_layout(grid))
+
+
+def _slices(text: str) -> List[str]:
+    """``text`` cut into slices of about :data:`TEXT_SLICE` characters, each cut made before a
+    single space between two words where one is near, so that the slices tokenize as the whole does."""
+    slices, start = [], 0
+    while len(text) - start > TEXT_SLICE:
+        end = start + TEXT_SLICE
+        cut = text.rfind(" ", end - TEXT_SLICE // 8, end)
+        while cut > start and (text[cut - 1].isspace() or text[cut + 1:cut + 2].isspace()):
+            cut = text.rfind(" ", end - TEXT_SLICE // 8, cut)
+        end = cut if cut > start else end
+        slices.append(text[start:end])
+        start = end
+    slices.append(text[start:])
+    return slices
+
+
+def _refuse_if_over(tokenizer, text: str, budget: int) -> None:
+    """Raise once the slices of a long text hold more tokens than ``budget`` (with one token of
+    slack per cut, since a cut inside a word can split one of its tokens)."""
+    counted = 0
+    slices = _slices(text)
+    for number, piece in enumerate(slices, start=1):
+        counted += len(tokenizer(piece, add_special_tokens=False).input_ids)
+        if counted > budget + number:
+            raise Ovis2LimitError(
+                f"messages: the text holds over {budget} tokens, more than the context length leaves "
+                "for it; send less text")
+
+
+def _symbolic_ids(tokenizer, pieces: Sequence[str], images: Sequence[ProcessedImage],
+                  max_text_tokens: Optional[int] = None) -> Tuple[List[object], List[Tuple[int, int]]]:
     """The ids with each image's symbolic layout, and where each layout sits among them."""
     ids: List[object] = []
     spans: List[Tuple[int, int]] = []
     image_index = 0
+    text_tokens = 0
     for piece in pieces:
         chunks = piece.split(IMAGE_MARKER)
         for position, chunk in enumerate(chunks):
-            ids.extend(tokenizer(chunk, add_special_tokens=False).input_ids)
+            if max_text_tokens is not None and len(chunk) > TEXT_SLICE:
+                _refuse_if_over(tokenizer, chunk, max_text_tokens - text_tokens)
+            chunk_ids = tokenizer(chunk, add_special_tokens=False).input_ids
+            text_tokens += len(chunk_ids)
+            ids.extend(chunk_ids)
             if position < len(chunks) - 1:
                 spans.append((len(ids), len(ids) + len(images[image_index].layout)))
                 ids.extend(images[image_index].layout)
@@ -79,14 +122,22 @@ def encode(
     images: Sequence[ProcessedImage],
     placeholders: PlaceholderIds,
     tokens_per_crop: int,
+    max_tokens: Optional[int] = None,
 ) -> EncodedPrompt:
-    """Prompt text, native input ids and stacked pixel values for one conversation."""
+    """Prompt text, native input ids and stacked pixel values for one conversation.
+
+    With ``max_tokens`` (the context length) a text that cannot fit beside the images is
+    refused after tokenizing about as much of it as could fit, not all of it.
+    """
     if count_images(turns) != len(images):
         raise ValueError(
             f"the conversation has {count_images(turns)} {IMAGE_MARKER} markers but {len(images)} images"
         )
     pieces = format_prompt(turns)
-    symbolic, symbolic_spans = _symbolic_ids(tokenizer, pieces, images)
+    text_budget = None
+    if max_tokens is not None:
+        text_budget = max_tokens - sum(image_tokens(image.grid, tokens_per_crop) for image in images)
+    symbolic, symbolic_spans = _symbolic_ids(tokenizer, pieces, images, text_budget)
     indicator_ids: Dict[str, int] = dict(zip(INDICATORS, placeholders.indicators))
     native: List[int] = []
     starts: List[int] = []  # native position of each symbolic item, and of the end

@@ -32,6 +32,7 @@ import asyncio
 import contextvars
 import functools
 import inspect
+import json
 import logging
 import os
 import re
@@ -49,6 +50,8 @@ logger = logging.getLogger(__name__)
 #: The "active" line goes through a child of Xinference's own logger, so it reaches the
 #: handlers (console, log file) and format Xinference configures in each of its processes.
 announce_logger = logging.getLogger("xinference.ovis2_xinf")
+#: Refused requests are logged where Xinference's own lines go, for the same reason.
+requests_logger = logging.getLogger("xinference.ovis2_xinf.requests")
 
 DISABLE_ENV = "OVIS2_XINF_DISABLE"
 ENGINE = "Transformers"
@@ -262,6 +265,7 @@ def on_llm_module_loaded(llm: ModuleType) -> bool:
 
     _wrap_install(llm)
     _wrap_downloads()
+    _log_client_errors_briefly()
     if _bootstrapped():
         model_class_ready(model_class())
     else:
@@ -273,12 +277,14 @@ def on_llm_module_loaded(llm: ModuleType) -> bool:
 
 
 def on_restful_api_loaded(api: ModuleType) -> bool:
-    """Let our client errors through Xinference's error sanitizer with their message.
+    """Make every bad Ovis2 chat request a 400 naming its field, and log it in one line.
 
     Xinference answers most model-side exceptions with a generic HTTP 500 so worker
-    internals never leak. :class:`~ovis2_xinf.errors.Ovis2RequestError` messages are
-    written for clients (they name the field, URL or limit), so they become HTTP 400
-    with the message kept, streaming or not.
+    internals never leak, its own request validation errors with a 500 too, and a stream
+    that fails before its first token with HTTP 200 and an error event.
+    :class:`~ovis2_xinf.errors.Ovis2RequestError` messages are written for clients (they
+    name the field, URL or limit), so they become HTTP 400 with the message kept, and an
+    Ovis2 request is checked (:func:`_guard_chat_requests`) before Xinference parses it.
     """
     if is_disabled() or not is_supported_version(xinference_version()):
         return False
@@ -292,28 +298,86 @@ def on_restful_api_loaded(api: ModuleType) -> bool:
         return True
 
     def handle_request_limit_error(e: Exception, *, sanitize: bool = False):
-        if isinstance(e, Ovis2RequestError):
-            raise HTTPException(status_code=e.status_code, detail=_ACTOR_PREFIX.sub("", str(e)))
-        return original(e, sanitize=sanitize)
+        try:
+            if isinstance(e, Ovis2RequestError):
+                raise HTTPException(status_code=e.status_code, detail=_ACTOR_PREFIX.sub("", str(e)))
+            return original(e, sanitize=sanitize)
+        except HTTPException as answer:
+            failure = _stream_failure.get()
+            if failure is not None:
+                failure["status"] = answer.status_code
+            raise
 
     setattr(handle_request_limit_error, _WRAPPED_MARK, True)
     cls.handle_request_limit_error = staticmethod(handle_request_limit_error)
-    _refuse_several_choices(cls, HTTPException)
+    _guard_chat_requests(cls, HTTPException)
+    _log_client_errors_briefly()
     return True
 
 
-#: Why ``n > 1`` is refused for Ovis2 (Xinference drops ``n`` before the model sees it).
-SEVERAL_CHOICES = ("n: {n} choices were asked for, and ovis2-xinf returns one choice per request; send {n} "
-                   "requests instead (they decode together in one batch), with different seeds for different samples")
+#: Set while the first event of an Ovis2 stream is pulled: a client error there records its status.
+_stream_failure: contextvars.ContextVar[Optional[Dict[str, Any]]] = contextvars.ContextVar(
+    "ovis2_xinf_stream_failure", default=None
+)
+#: Xinference's loggers that log a model's exception with its traceback at ERROR: the REST
+#: layer (API process) and the model actor's call wrapper (model process).
+_LOGGERS_OF_CLIENT_ERRORS = ("xinference.api.restful_api", "xinference.core.model")
 
 
-def _refuse_several_choices(cls: type, http_error: type) -> None:
-    """``n > 1`` for an Ovis2 model becomes a 400 instead of one choice.
+async def _serves_ovis2(api: Any, model_uid: str) -> bool:
+    try:
+        described = await (await api._get_supervisor_ref()).describe_model(model_uid)
+    except Exception:  # an unknown uid, a model still loading: the original handler says so
+        return False
+    return isinstance(described, dict) and described.get("model_name") == FAMILY_NAME
 
-    The REST layer removes ``n`` from what it passes to every model (``create_chat_completion``'s
-    ``exclude``), so a model class cannot see it: the handler is wrapped to look at the body
-    first, and asks the supervisor which model the uid is only when ``n`` is above 1.
+
+def _validation_message(error: Any) -> str:
+    """Xinference's pydantic validation error as a client message naming each field."""
+    parts = []
+    for item in error.errors()[:3]:
+        field = ".".join(str(piece) for piece in item.get("loc", ())) or "body"
+        parts.append(f"{field}: {item.get('msg', 'invalid')}")
+    return "; ".join(parts) or str(error)
+
+
+def check_chat_body(body: Dict[str, Any]) -> None:
+    """What an Ovis2 chat body must pass before Xinference sees it: our shape checks, then
+    Xinference's own request model, whose errors would otherwise be a 500."""
+    from xinference._compat import ValidationError
+    from xinference.types import CreateChatCompletion
+
+    from .errors import Ovis2RequestError
+    from .request_fields import check_body
+    from .structured import requested
+
+    check_body(body)
+    requested(body)  # its messages name the structured-output fields better than the union's
+    try:
+        CreateChatCompletion.parse_obj({k: v for k, v in body.items() if k != "cache_salt"})
+    except ValidationError as error:
+        raise Ovis2RequestError(_validation_message(error)) from None
+    except (RecursionError, ValueError, TypeError) as error:
+        raise Ovis2RequestError(f"body: cannot be read as a chat request ({type(error).__name__})") from None
+
+
+def _refused(http_error: type, status: int, detail: str) -> Exception:
+    requests_logger.warning("ovis2-xinf: refused a chat request (HTTP %d): %s", status, detail)
+    return http_error(status_code=status, detail=detail)
+
+
+def _guard_chat_requests(cls: type, http_error: type) -> None:
+    """Check an Ovis2 chat request before Xinference handles it, and keep a failed stream a 400.
+
+    For a request to an Ovis2 model: the body is checked by :func:`check_chat_body` (a
+    bad one is a 400 naming the field, before any work), and a stream's first event is
+    awaited before the response starts (:func:`_stream_or_error`), so an error while the
+    request is prepared (media, preprocessing, tokens) is answered with its status, not
+    with HTTP 200 and an error event. ``n > 1`` is refused here because the REST layer
+    removes ``n`` from what it passes to every model (``create_chat_completion``'s ``exclude``).
     """
+    from .errors import Ovis2RequestError
+
     original = cls.create_chat_completion
     if getattr(original, _WRAPPED_MARK, False):
         return
@@ -322,20 +386,99 @@ def _refuse_several_choices(cls: type, http_error: type) -> None:
     async def create_chat_completion(self, request):
         try:
             body = await request.json()
-        except Exception:  # the original handler reports a bad body
-            body = None
-        n = body.get("n") if isinstance(body, dict) else None
-        if isinstance(n, int) and not isinstance(n, bool) and n > 1 and isinstance(body.get("model"), str):
-            try:
-                described = await (await self._get_supervisor_ref()).describe_model(body["model"])
-            except Exception:  # an unknown uid: the original handler says so
-                described = {}
-            if described.get("model_name") == FAMILY_NAME:
-                raise http_error(status_code=400, detail=SEVERAL_CHOICES.format(n=n))
-        return await original(self, request)
+        except RecursionError:
+            raise _refused(http_error, 400, "body: JSON nested too deeply") from None
+        except ValueError as error:  # Xinference would answer a 500, whatever the model
+            raise _refused(http_error, 400, f"body: not valid JSON ({error})") from None
+        if not isinstance(body, dict) or not isinstance(body.get("model"), str):
+            return await original(self, request)
+        if not await _serves_ovis2(self, body["model"]):
+            return await original(self, request)
+        try:
+            check_chat_body(body)
+        except Ovis2RequestError as error:
+            raise _refused(http_error, 400, str(error)) from None
+        response = await original(self, request)
+        if body.get("stream") and hasattr(response, "body_iterator"):
+            return await _stream_or_error(response, http_error)
+        return response
 
     setattr(create_chat_completion, _WRAPPED_MARK, True)
     cls.create_chat_completion = create_chat_completion
+
+
+async def _stream_or_error(response: Any, http_error: type) -> Any:
+    """The stream response once its first event is there, or the error that event carries.
+
+    Xinference sends the headers (HTTP 200) before the model's stream yields anything, so a
+    request that fails while it is prepared reaches the client as ``data: {"error": ...}``
+    inside a successful response. Pulling the first event first, in a task of its own (the
+    stream binds its cancellation to the task that starts it, which must not be the one that
+    later serves the response), turns that into the error's own status.
+    """
+    events = response.body_iterator
+    failure: Dict[str, Any] = {}
+
+    async def first():
+        token = _stream_failure.set(failure)
+        try:
+            return await events.__anext__()
+        finally:
+            _stream_failure.reset(token)
+
+    try:
+        event = await asyncio.create_task(first())
+    except StopAsyncIteration:
+        return response
+    if "status" in failure:
+        await events.aclose()
+        try:
+            detail = json.loads(event["data"])["error"]
+        except (KeyError, TypeError, ValueError):
+            detail = str(event)
+        raise http_error(status_code=failure["status"], detail=detail)
+
+    async def resumed():
+        try:
+            yield event
+            async for later in events:
+                yield later
+        finally:
+            await events.aclose()
+
+    response.body_iterator = resumed()
+    return response
+
+
+class _ClientErrorsInOneLine(logging.Filter):
+    """A client's bad request is no server fault: one WARNING line in the API process, none
+    in the model process, instead of a traceback at ERROR in both."""
+
+    def __init__(self, keep: bool):
+        super().__init__()
+        self.keep = keep
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from .errors import Ovis2RequestError
+
+        error = record.exc_info[1] if record.exc_info else None
+        if not isinstance(error, Ovis2RequestError):
+            return True
+        if not self.keep:
+            return False
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        record.msg, record.args = "ovis2-xinf: refused a chat request (HTTP %d): %s", (
+            error.status_code, _ACTOR_PREFIX.sub("", str(error)))
+        record.exc_info = record.exc_text = None
+        return True
+
+
+def _log_client_errors_briefly() -> None:
+    api_logger, model_logger = _LOGGERS_OF_CLIENT_ERRORS
+    for name, keep in ((api_logger, True), (model_logger, False)):
+        target = logging.getLogger(name)
+        if not any(isinstance(f, _ClientErrorsInOneLine) for f in target.filters):
+            target.addFilter(_ClientErrorsInOneLine(keep))
 
 
 def close_dropped_streams(model_actor: type) -> None:

@@ -12,6 +12,11 @@ from typing import Any, Dict, Optional
 from .errors import Ovis2RequestError
 
 MAX_TOP_LOGPROBS = 20
+#: How deeply a request body may nest (objects and lists): deep enough for any message and for
+#: a JSON schema at the highest depth structured output can be set to allow (128, checked there
+#: with its own message), shallow enough that no recursive parser, validator or pickler
+#: downstream runs out of stack (Xinference's request model fails near 600).
+MAX_BODY_DEPTH = 160
 
 #: Accepted and without effect on the answer (see docs/architecture.md, "Request fields").
 IGNORED = ("user", "service_tier", "parallel_tool_calls", "stream_interval", "guided_decoding_backend",
@@ -53,3 +58,38 @@ def top_logprobs(config: Dict[str, Any]) -> Optional[int]:
             raise Ovis2RequestError("top_logprobs: needs logprobs: true")
         return None
     return int(top or 0)
+
+
+def body_depth(value: Any, limit: int = MAX_BODY_DEPTH) -> int:
+    """How deeply ``value`` nests, counted without recursion; stops counting past ``limit``."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        deepest = max(deepest, depth)
+        if depth > limit:
+            return deepest
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
+def check_body(body: Dict[str, Any]) -> None:
+    """The checks a chat request body gets before Xinference parses it: nesting, then messages."""
+    from .messages import parse_messages
+
+    if body_depth(body) > MAX_BODY_DEPTH:
+        raise Ovis2RequestError(f"body: nested more than {MAX_BODY_DEPTH} levels deep (objects and lists)")
+    n = body.get("n")
+    if isinstance(n, int) and not isinstance(n, bool) and n > 1:
+        raise Ovis2RequestError(SEVERAL_CHOICES.format(n=n))
+    parse_messages(body.get("messages"))
+
+
+#: Why ``n > 1`` is refused (Xinference drops ``n`` before a model sees it).
+SEVERAL_CHOICES = ("n: {n} choices were asked for, and ovis2-xinf returns one choice per request; send {n} "
+                   "requests instead (they decode together in one batch), with different seeds for different samples")
