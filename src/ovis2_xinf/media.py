@@ -24,6 +24,7 @@ from urllib.parse import unquote, urlparse
 from PIL import Image, UnidentifiedImageError
 
 from .errors import Ovis2LimitError, Ovis2RequestError
+from .settings import env_int
 
 ENV_MAX_IMAGE_PIXELS = "OVIS2_XINF_MAX_IMAGE_PIXELS"
 ENV_MAX_IMAGES = "OVIS2_XINF_MAX_IMAGES"
@@ -59,19 +60,6 @@ _REFERENCE_PIXELS = REFERENCE_FRAME[0] * REFERENCE_FRAME[1]
 _VIDEO_OPEN_OPTIONS = {"protocol_whitelist": "none"}
 
 
-def _env_int(name: str, default: int) -> int:
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ValueError(f"{name}={raw!r} is not an integer") from None
-    if value < 1:
-        raise ValueError(f"{name}={raw!r} must be at least 1")
-    return value
-
-
 @dataclass(frozen=True)
 class MediaLimits:
     """What one request's media may cost; each field has an ``OVIS2_XINF_*`` setting."""
@@ -91,13 +79,13 @@ class MediaLimits:
     def from_env(cls) -> "MediaLimits":
         defaults = cls()
         return cls(
-            max_image_pixels=_env_int(ENV_MAX_IMAGE_PIXELS, defaults.max_image_pixels),
-            max_images=_env_int(ENV_MAX_IMAGES, defaults.max_images),
-            video_frames=_env_int(ENV_VIDEO_FRAMES, defaults.video_frames),
-            max_video_frames=_env_int(ENV_MAX_VIDEO_FRAMES, defaults.max_video_frames),
-            max_request_pixels=_env_int(ENV_MAX_REQUEST_PIXELS, defaults.max_request_pixels),
-            max_video_source_frames=_env_int(ENV_MAX_VIDEO_SOURCE_FRAMES, defaults.max_video_source_frames),
-            max_jpeg_scans=_env_int(ENV_MAX_JPEG_SCANS, defaults.max_jpeg_scans),
+            max_image_pixels=env_int(ENV_MAX_IMAGE_PIXELS, defaults.max_image_pixels),
+            max_images=env_int(ENV_MAX_IMAGES, defaults.max_images),
+            video_frames=env_int(ENV_VIDEO_FRAMES, defaults.video_frames),
+            max_video_frames=env_int(ENV_MAX_VIDEO_FRAMES, defaults.max_video_frames),
+            max_request_pixels=env_int(ENV_MAX_REQUEST_PIXELS, defaults.max_request_pixels),
+            max_video_source_frames=env_int(ENV_MAX_VIDEO_SOURCE_FRAMES, defaults.max_video_source_frames),
+            max_jpeg_scans=env_int(ENV_MAX_JPEG_SCANS, defaults.max_jpeg_scans),
         )
 
 

@@ -32,6 +32,7 @@ from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Tup
 import torch
 
 from .errors import Ovis2LimitError, Ovis2RequestError
+from .settings import env_int
 
 GUIDED_FIELDS = ("guided_json", "guided_json_object", "guided_choice", "guided_regex", "guided_grammar")
 SCHEMA_FIELD = "response_format.json_schema.schema"
@@ -60,19 +61,6 @@ _T = TypeVar("_T")
 _STACK_LOCK = threading.Lock()
 
 
-def _env_int(environ: Mapping[str, str], name: str, default: int, high: int) -> int:
-    raw = environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ValueError(f"{name}={raw!r} is not an integer") from None
-    if not 1 <= value <= high:
-        raise ValueError(f"{name}={raw!r} must be from 1 to {high}")
-    return value
-
-
 @dataclass(frozen=True)
 class GrammarLimits:
     """What one request's constraint may cost, checked before anything is parsed or compiled.
@@ -97,10 +85,10 @@ class GrammarLimits:
         """The limits the environment sets, the defaults elsewhere; a bad value is a ValueError."""
         defaults = cls()
         return cls(
-            schema_bytes=_env_int(environ, ENV_MAX_SCHEMA_BYTES, defaults.schema_bytes, BYTES_CEILING),
-            schema_depth=_env_int(environ, ENV_MAX_SCHEMA_DEPTH, defaults.schema_depth, DEPTH_CEILING),
-            grammar_bytes=_env_int(environ, ENV_MAX_GRAMMAR_BYTES, defaults.grammar_bytes, BYTES_CEILING),
-            choices=_env_int(environ, ENV_MAX_CHOICES, defaults.choices, 1 << 20),
+            schema_bytes=env_int(ENV_MAX_SCHEMA_BYTES, defaults.schema_bytes, BYTES_CEILING, environ),
+            schema_depth=env_int(ENV_MAX_SCHEMA_DEPTH, defaults.schema_depth, DEPTH_CEILING, environ),
+            grammar_bytes=env_int(ENV_MAX_GRAMMAR_BYTES, defaults.grammar_bytes, BYTES_CEILING, environ),
+            choices=env_int(ENV_MAX_CHOICES, defaults.choices, 1 << 20, environ),
         )
 
 
