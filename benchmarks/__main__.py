@@ -6,7 +6,8 @@ Sections: ``preprocess``, ``detokenize``, ``memory``, ``serving`` (overhead, loa
 and what one OpenMP team kept by another thread costs the batched forward),
 ``multiturn`` (reuse across turns: a 4-turn chat about one image, cold against warm TTFT),
 ``grammar`` (structured output: llguidance compile time and mask cost per token against a decode step),
-``hostile`` (a plain text request's latency while 8 requests ask for the most work the limits allow).
+``hostile`` (a plain text request's latency while 8 requests ask for the most work the limits allow),
+``dtype`` (float32 against bfloat16 on this CPU, direct and served, and what ``auto`` chooses).
 ``--model tiny`` uses the bundled fixture (quick); ``--model 1b`` builds a random
 checkpoint with the real Ovis2-1B dimensions locally first (several GB, minutes).
 ``--smoke`` runs everything on the tiny fixture with the fewest repetitions: CI uses it
@@ -27,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "src" / "ovis2_xinf" / "assets" / "tiny-ovis2"
 TINY_GPTQ = ROOT / "tests" / "fixtures" / "tiny-ovis2-gptq-int4"
 SECTIONS = ("preprocess", "detokenize", "memory", "serving", "concurrency", "scheduler", "multiturn", "grammar",
-            "hostile")
+            "hostile", "dtype")
 
 
 def _table(rows: List[Dict[str, Any]], columns: List[str]) -> str:
@@ -272,6 +273,31 @@ def run_hostile(args, paths) -> Dict[str, Any]:
     return result
 
 
+def run_dtype(args, paths) -> Dict[str, Any]:
+    from . import dtype, serving
+
+    result = dtype.run_direct(paths["pytorch"], args.smoke)
+    print(f"CPU bf16 flags: {', '.join(result['cpu']['bf16_flags'] or ()) or 'none'}; auto: "
+          f"{result['cpu']['auto']['describe']}")
+    print(_table(result["image_ttft"], ["image", "max_partition", "prompt_tokens", "float32_s", "bfloat16_s",
+                                        "speedup"]))
+    print(_table(result["decode"], ["rows", "float32_tok_s", "bfloat16_tok_s", "speedup"]))
+    loads = result["load"]
+    print(f"load: resident after load {loads['float32']['resident_after_load_bytes'] / 2**30:.2f} GiB float32, "
+          f"{loads['bfloat16']['resident_after_load_bytes'] / 2**30:.2f} GiB bfloat16 "
+          f"({_num(loads.get('resident_ratio'))}x); load {_num(loads['float32']['load_s'])} s / "
+          f"{_num(loads['bfloat16']['load_s'])} s")
+    tokens, runs = (4, 1) if args.smoke else (args.max_tokens, 3)
+    # Reuse off: each run's TTFT is then a whole image prefill, not a cache hit.
+    result["served"] = {name: serving.served(paths["pytorch"], tokens, runs, torch_dtype=name,
+                                             extra_launch=("--reuse_cache_mib", "0"))
+                        for name in ("float32", "bfloat16")}
+    print(_table([{"dtype": name, "ttft_s": row["ttft_s"], "decode_tok_s": row["decode_tok_s"]}
+                  for name, row in result["served"].items()], ["dtype", "ttft_s", "decode_tok_s"]))
+    print(f"verdict: {result['verdict']}")
+    return result
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -307,7 +333,8 @@ def main(argv=None) -> int:
     }
     args.workdir.mkdir(parents=True, exist_ok=True)
     paths = (_checkpoints(args.model, args.workdir, gptq="memory" in sections)
-             if {"memory", "serving", "concurrency", "scheduler", "multiturn", "hostile"} & set(sections) else {})
+             if {"memory", "serving", "concurrency", "scheduler", "multiturn", "hostile", "dtype"} & set(sections)
+             else {})
     for section in sections:
         print(f"\n== {section}", flush=True)
         if section == "preprocess":
@@ -326,6 +353,8 @@ def main(argv=None) -> int:
             result["sections"][section] = run_scheduler(args, paths)
         elif section == "hostile":
             result["sections"][section] = run_hostile(args, paths)
+        elif section == "dtype":
+            result["sections"][section] = run_dtype(args, paths)
         else:
             result["sections"][section] = run_serving(args, paths, args.workdir)
     args.out.parent.mkdir(parents=True, exist_ok=True)

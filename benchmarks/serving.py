@@ -124,15 +124,19 @@ def _stream_once(client, uid: str, msgs, max_tokens: int) -> Dict[str, Any]:
             "prompt_tokens": usage.prompt_tokens}
 
 
-def served(path: Path, max_tokens: int, runs: int = 3) -> Dict[str, Any]:
-    """TTFT and decode rate of one stream at a time (concurrency: :mod:`benchmarks.concurrency`)."""
+def served(path: Path, max_tokens: int, runs: int = 3, torch_dtype: Optional[str] = "float32",
+           extra_launch: Sequence[str] = ()) -> Dict[str, Any]:
+    """TTFT and decode rate of one stream at a time (concurrency: :mod:`benchmarks.concurrency`);
+    ``torch_dtype`` None: the model class's own choice for this machine. Every run sends the same
+    image: with reuse on (the default) the TTFT after the warm-up is a reuse hit."""
     from openai import OpenAI
 
     result: Dict[str, Any] = {}
     with local_server() as server:
         start = time.perf_counter()
         uid = server.launch("--model-engine", "transformers", "--model-name", "Ovis2", "--size-in-billions", "1",
-                            "--model-format", "pytorch", "--model-path", str(path), "--torch_dtype", "float32")
+                            "--model-format", "pytorch", "--model-path", str(path),
+                            *(("--torch_dtype", torch_dtype) if torch_dtype else ()), *extra_launch)
         result["launch_to_ready_s"] = time.perf_counter() - start
         client = OpenAI(base_url=f"{server.endpoint}/v1", api_key="none", max_retries=0, timeout=3600)
         _stream_once(client, uid, messages(0), 2)  # warm-up

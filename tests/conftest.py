@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
+
+# The golden references are float32 runs: servers the tests start compute in float32 unless a test
+# asks for the CPU's own choice (tests/test_bad_input.py does; bf16 parity: tests/test_bf16_cpu.py).
+os.environ.setdefault("OVIS2_XINF_CPU_DTYPE", "float32")
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TINY = Path(__file__).parents[1] / "src" / "ovis2_xinf" / "assets" / "tiny-ovis2"

@@ -69,7 +69,8 @@ CASES = {
 
 @pytest.fixture(scope="module")
 def server():
-    with local_server() as running:
+    # The CPU's own dtype choice: these checks hold in either, and one server test runs it.
+    with local_server(extra_env={"OVIS2_XINF_CPU_DTYPE": "auto"}) as running:
         yield running
 
 
@@ -230,3 +231,7 @@ def test_after_the_property_the_known_answer_is_unchanged(http, uid, expected, s
     assert known_answer(http, uid) == expected
     assert server.process.poll() is None
 
+
+def test_the_model_logs_the_dtype_it_chose_for_this_cpu(server, uid):
+    choice = re.search(r"Ovis2 on CPU computes in (bfloat16|float32) \(auto", server.log_path.read_text(errors="replace"))
+    assert choice, "no dtype choice in the log"

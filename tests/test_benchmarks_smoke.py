@@ -65,6 +65,12 @@ def test_benchmarks_smoke(tmp_path):
     hostile = sections["hostile"]
     assert hostile["concurrent"] == 2 and len(hostile["heavy_s"]) == 2 and not hostile["heavy_errors"]
     assert hostile["alone_s"] and hostile["loaded_s"] and "met" in hostile["verdict"]
+    dtype = sections["dtype"]
+    assert [r["rows"] for r in dtype["decode"]] == [1, 8, 16]
+    assert all(r["float32_tok_s"] > 0 and r["bfloat16_tok_s"] > 0 for r in dtype["decode"])
+    assert [r["image"] for r in dtype["image_ttft"]] == ["640x480", "1920x1080"]
+    assert dtype["load"]["bfloat16"]["weights_bytes"] * 2 == dtype["load"]["float32"]["weights_bytes"]
+    assert set(dtype["served"]) == {"float32", "bfloat16"} and "met" in dtype["verdict"]
 
 
 def test_decode_rate_leaves_out_runs_streamed_in_one_chunk(monkeypatch):

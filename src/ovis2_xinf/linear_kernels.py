@@ -10,6 +10,15 @@ CPU, the shape and the row count, so it is timed, not assumed: the first call wi
 (best of ``REPEATS``) and keeps the faster for that module and count. The two differ by float
 rounding only (about 1e-6 relative). A call with one row or more than ``max_rows`` (a prefill's
 prompt), and every call off the CPU, goes to ``F.linear``.
+
+A bfloat16 model (what :mod:`ovis2_xinf.cpu_dtype` picks on a CPU with native bf16) chooses the
+same way, in bf16, where the two ways differ by bf16's rounding. It keeps no float32 copy of any
+weight to compute a product in float32 where bf16 would be slower: the candidate was the head at
+one row, the widest product of a one-row decode step and of every prefill's last position, and on
+an AVX512-BF16 EPYC it measured faster in bf16 than in float32 (the ``dtype`` benchmark,
+:mod:`benchmarks.dtype`, compares whole decode steps), while its float32 copy would cost 4 bytes
+per weight beyond the 2 the model holds (545 MB for Ovis2-1B's 151,936 x 896 head), undoing most
+of what bf16 saves in memory.
 """
 
 from __future__ import annotations
@@ -23,7 +32,8 @@ import torch.nn.functional as F
 REPEATS = 3
 
 
-def _transposed(x: torch.Tensor, weight: torch.Tensor, bias: Any) -> torch.Tensor:
+def transposed_linear(x: torch.Tensor, weight: torch.Tensor, bias: Any) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` computed as ``(weight @ x.T).T``."""
     flat = x.reshape(-1, x.shape[-1])
     out = torch.mm(weight, flat.t()) if bias is None else torch.addmm(bias.unsqueeze(1), weight, flat.t())
     return out.t().contiguous().reshape(*x.shape[:-1], weight.shape[0])
@@ -54,9 +64,9 @@ class _Chooser:
         choice = self.transposed.get(rows)
         if choice is None:
             plain = _best_of(lambda: F.linear(x, weight, bias), REPEATS)
-            turned = _best_of(lambda: _transposed(x, weight, bias), REPEATS)
+            turned = _best_of(lambda: transposed_linear(x, weight, bias), REPEATS)
             choice = self.transposed[rows] = turned < plain
-        return _transposed(x, weight, bias) if choice else F.linear(x, weight, bias)
+        return transposed_linear(x, weight, bias) if choice else F.linear(x, weight, bias)
 
 
 def choose_linear_kernels(model: Any, max_rows: int) -> List[_Chooser]:
