@@ -116,25 +116,28 @@ def prefill_slice_option(config: Dict[str, Any]) -> Optional[float]:
     return number / 1000 if number else None
 
 
+def _int_option(config: Dict[str, Any], name: str, env: str, unit: str, default: int,
+                high: Optional[int] = None) -> int:
+    """A whole number of ``unit``, 1 or more (at most ``high``), from the launch option, else the
+    environment; ``default`` when neither gives one."""
+    number = _number_option(config, name, env, unit, positive=True)
+    if number is None:
+        return default
+    if number != int(number) or (high is not None and number > high):
+        bound = "a positive integer" if high is None else f"an integer from 1 to {high}"
+        raise ValueError(f"{name} / {env}: must be {bound}, got {number!r}")
+    return int(number)
+
+
 def max_partition_limit(config: Dict[str, Any]) -> int:
     """The most crops per image a request may ask for (launch option, else environment)."""
-    number = _number_option(config, "max_partition_limit", MAX_PARTITION_ENV, "crops", positive=True)
-    if number is None:
-        return DEFAULT_MAX_PARTITION_LIMIT
-    if number != int(number) or number > MAX_PARTITION_CEILING:
-        raise ValueError(f"max_partition_limit / {MAX_PARTITION_ENV}: must be an integer from 1 to "
-                         f"{MAX_PARTITION_CEILING}, got {number!r}")
-    return int(number)
+    return _int_option(config, "max_partition_limit", MAX_PARTITION_ENV, "crops", DEFAULT_MAX_PARTITION_LIMIT,
+                       MAX_PARTITION_CEILING)
 
 
 def media_workers(config: Dict[str, Any]) -> int:
     """How many requests may fetch, decode and resize media at once (launch option, else environment)."""
-    number = _number_option(config, "media_workers", MEDIA_WORKERS_ENV, "threads", positive=True)
-    if number is None:
-        return DEFAULT_MEDIA_WORKERS
-    if number != int(number):
-        raise ValueError(f"media_workers / {MEDIA_WORKERS_ENV}: must be a positive integer, got {number!r}")
-    return int(number)
+    return _int_option(config, "media_workers", MEDIA_WORKERS_ENV, "threads", DEFAULT_MEDIA_WORKERS)
 
 
 def _lower_priority() -> None:
@@ -164,9 +167,13 @@ def _finish_reason(reason: str, options: RowOptions) -> str:
     return reason
 
 
-def _check_partition(value: Any, limit: int, field: str, error: type) -> None:
+def _positive_int(value: Any, field: str, error: type) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise error(f"{field}: must be a positive integer, got {value!r}")
+
+
+def _check_partition(value: Any, limit: int, field: str, error: type) -> None:
+    _positive_int(value, field, error)
     if value > limit:
         raise error(f"{field}: {value} is over the limit of {limit} crops per image "
                     f"(launch option max_partition_limit, or {MAX_PARTITION_ENV})")
@@ -297,14 +304,12 @@ class Ovis2NativeChatModel(PytorchChatModel):
         from .cpu_dtype import choose_cpu_dtype
 
         choice = choose_cpu_dtype(OriginalCheckpoint.open(self.model_path), self.model_spec.model_format)
-        self.cpu_dtype_choice = choice
         logger.info("Ovis2 on CPU computes in %s", choice.describe())
         return choice.dtype
 
     def _start_scheduler(self, config: Dict[str, Any], loaded) -> BatchScheduler:
         max_num_seqs = config.get("max_num_seqs") or 16
-        if isinstance(max_num_seqs, bool) or not isinstance(max_num_seqs, int) or max_num_seqs < 1:
-            raise ValueError(f"max_num_seqs: must be a positive integer, got {max_num_seqs!r}")
+        _positive_int(max_num_seqs, "max_num_seqs", ValueError)
         device = loaded.model.get_input_embeddings().weight.device
         budget = _mib_option(config, "kv_cache_budget_mib", KV_BUDGET_ENV, positive=True)
         budget = default_kv_budget(device) if budget is None else budget
@@ -381,9 +386,8 @@ class Ovis2NativeChatModel(PytorchChatModel):
             _check_partition(max_partition, self._max_partition_limit, "mm_processor_kwargs.max_partition",
                              Ovis2LimitError)
         video_frames = self._option(config, "video_frames")
-        if video_frames is not None and (isinstance(video_frames, bool) or not isinstance(video_frames, int)
-                                         or video_frames < 1):
-            raise Ovis2RequestError(f"mm_processor_kwargs.video_frames: must be a positive integer, got {video_frames!r}")
+        if video_frames is not None:
+            _positive_int(video_frames, "mm_processor_kwargs.video_frames", Ovis2RequestError)
         conversation = build_conversation(messages, self._limits, max_partition, video_frames)
         # The images' tokens are known from their sizes alone: a request they cannot fit is
         # refused before any pixel is resized, and the text is measured against what is left.
@@ -394,7 +398,7 @@ class Ovis2NativeChatModel(PytorchChatModel):
                 f"messages: {len(grids)} image(s) at max_partition {conversation.max_partition} take "
                 f"{images_tokens} tokens, reaching the context length of {self._context_length}; send fewer "
                 "or smaller images or a lower max_partition")
-        processed = self._preprocessor.batch(conversation.images, conversation.max_partition)
+        processed = self._preprocessor.batch(conversation.images, conversation.max_partition, grids)
         encoded = encode(self._tokenizer, conversation.turns, processed, self._loaded.placeholders,
                          self._tokens_per_crop, max_tokens=self._context_length)
         plan = plan_sampling(

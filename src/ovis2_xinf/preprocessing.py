@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import json
 
@@ -137,9 +137,11 @@ class Ovis2ImagePreprocessor:
             raise ValueError(f"{config_path}: not valid JSON: {exc}") from None
         return cls(config)
 
-    def boxes(self, width: int, height: int, max_partition: int) -> Tuple[Grid, List[Box]]:
-        """The grid and the boxes to resize: the whole image first when there are several crops."""
-        grid = self.grid(width, height, max_partition)
+    def boxes(self, width: int, height: int, max_partition: int, grid: Optional[Grid] = None
+              ) -> Tuple[Grid, List[Box]]:
+        """The grid (unless chosen already) and the boxes to resize: the whole image first when
+        there are several crops."""
+        grid = self.grid(width, height, max_partition) if grid is None else grid
         boxes = partition(width, height, grid)
         if len(boxes) > 1:
             boxes.insert(0, (0, 0, width, height))
@@ -169,14 +171,17 @@ class Ovis2ImagePreprocessor:
     def __call__(self, image: Image.Image, max_partition: int) -> ProcessedImage:
         return self.batch([image], max_partition)[0]
 
-    def batch(self, images: Sequence[Image.Image], max_partition: int) -> List[ProcessedImage]:
+    def batch(self, images: Sequence[Image.Image], max_partition: int,
+              grids: Optional[Sequence[Grid]] = None) -> List[ProcessedImage]:
         """Every image's crops written into one tensor; each image's pixel values are a slice of it.
 
         The model takes the crops of all images of a request stacked in one tensor: stacking
         tensors made one per image copies every crop once more (21 MiB per photo at
-        ``max_partition`` 9). ``prompt.encode`` hands the shared tensor on as it is.
+        ``max_partition`` 9). ``prompt.encode`` hands the shared tensor on as it is. ``grids``:
+        each image's grid when the caller chose them already (to check the request's cost).
         """
-        plans = [self.boxes(image.width, image.height, max_partition) for image in images]
+        grids = grids if grids is not None else [None] * len(images)
+        plans = [self.boxes(image.width, image.height, max_partition, grid) for image, grid in zip(images, grids)]
         # Not zeroed: each crop's resize writes its whole square, padding included.
         values = np.empty((sum(len(boxes) for _, boxes in plans), 3, self.side, self.side), dtype=np.float32)
         stacked = torch.from_numpy(values)

@@ -52,6 +52,8 @@ logger = logging.getLogger(__name__)
 announce_logger = logging.getLogger("xinference.ovis2_xinf")
 #: Refused requests are logged where Xinference's own lines go, for the same reason.
 requests_logger = logging.getLogger("xinference.ovis2_xinf.requests")
+#: The one line a refused request logs, whichever process or check refused it.
+REFUSED_LINE = "ovis2-xinf: refused a chat request (HTTP %d): %s"
 
 DISABLE_ENV = "OVIS2_XINF_DISABLE"
 ENGINE = "Transformers"
@@ -362,7 +364,7 @@ def check_chat_body(body: Dict[str, Any]) -> None:
 
 
 def _refused(http_error: type, status: int, detail: str) -> Exception:
-    requests_logger.warning("ovis2-xinf: refused a chat request (HTTP %d): %s", status, detail)
+    requests_logger.warning(REFUSED_LINE, status, detail)
     return http_error(status_code=status, detail=detail)
 
 
@@ -467,8 +469,7 @@ class _ClientErrorsInOneLine(logging.Filter):
         if not self.keep:
             return False
         record.levelno, record.levelname = logging.WARNING, "WARNING"
-        record.msg, record.args = "ovis2-xinf: refused a chat request (HTTP %d): %s", (
-            error.status_code, _ACTOR_PREFIX.sub("", str(error)))
+        record.msg, record.args = REFUSED_LINE, (error.status_code, _ACTOR_PREFIX.sub("", str(error)))
         record.exc_info = record.exc_text = None
         return True
 
