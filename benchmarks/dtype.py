@@ -29,9 +29,6 @@ speed targets are not judged there).
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -47,9 +44,9 @@ from ovis2_xinf.preprocessing import Ovis2ImagePreprocessor
 from ovis2_xinf.prompt import encode
 
 from .concurrency import Direct, Workload, chat_messages
+from .memory import in_fresh_process, rss
 from .serving import image_url
 
-ROOT = Path(__file__).resolve().parents[1]
 DTYPES = (torch.float32, torch.bfloat16)
 IMAGES = (((640, 480), 1), ((1920, 1080), 9))
 DECODE_ROWS = (1, 8, 16)
@@ -128,42 +125,30 @@ def measure_decode(models: Dict[torch.dtype, DirectIn], steps: int, repeats: int
     return rows
 
 
-def _rss(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
 def load_here(path: str, dtype_name: str) -> Dict[str, Any]:
     """Load, read every weight once, prefill the small image case; memory over the baseline.
     Run in a fresh process (:func:`measure_load`)."""
     from transformers import Ovis2ForConditionalGeneration, PreTrainedTokenizerFast  # noqa: F401  (not load time)
 
     conversation = image_conversation(*IMAGES[0])
-    baseline = _rss("VmRSS:")
+    baseline = rss("VmRSS:")
     start = time.perf_counter()
     loaded = load_model(path, getattr(torch, dtype_name), "cpu")
     seconds = time.perf_counter() - start
     with torch.inference_mode():
         for parameter in loaded.model.parameters():
             parameter.sum()
-    after_load = _rss("VmRSS:") - baseline
+    after_load = rss("VmRSS:") - baseline
     image_ttft(loaded, Ovis2ImagePreprocessor(loaded.checkpoint.preprocessor), conversation)
     weights = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
     return {"load_s": seconds, "weights_bytes": weights, "resident_after_load_bytes": after_load,
-            "resident_after_prefill_bytes": _rss("VmRSS:") - baseline, "peak_bytes": _rss("VmHWM:") - baseline}
+            "resident_after_prefill_bytes": rss("VmRSS:") - baseline, "peak_bytes": rss("VmHWM:") - baseline}
 
 
 def measure_load(path: Path, dtype: torch.dtype) -> Dict[str, Any]:
     call = f"load_here({str(path)!r}, {_name(dtype)!r})"
     code = f"import json; from benchmarks.dtype import load_here; print('RESULT' + json.dumps({call}))"
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                          stdin=subprocess.DEVNULL, timeout=3600)
-    if done.returncode != 0:
-        raise RuntimeError(f"loading {path} in {_name(dtype)} failed:\n{done.stderr[-3000:]}")
-    line = next(line for line in done.stdout.splitlines() if line.startswith("RESULT"))
-    return json.loads(line[len("RESULT"):])
+    return in_fresh_process(["-c", code], f"loading {path} in {_name(dtype)}")
 
 
 def _ratio(part: float, whole: float) -> Optional[float]:

@@ -6,18 +6,15 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Sequence
+
+ROOT = Path(__file__).resolve().parents[1]
 
 PROBE = r'''
 import json, sys, time, torch
+from benchmarks.memory import rss
 from ovis2_xinf.loader import load_model
 from ovis2_xinf.quantization import quantization_loader_for
-
-def rss(field):
-    for line in open("/proc/self/status"):
-        if line.startswith(field):
-            return int(line.split()[1]) * 1024
-    return 0
 
 path, fmt, dtype = sys.argv[1], sys.argv[2], getattr(torch, sys.argv[3])
 if fmt == "gptq":
@@ -47,13 +44,27 @@ print("RESULT" + json.dumps({
 '''
 
 
-def measure_load(path: Path, model_format: str, dtype: str) -> Dict[str, Any]:
-    done = subprocess.run([sys.executable, "-c", PROBE, str(path), model_format, dtype],
-                          capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=3600)
+def rss(field: str) -> int:
+    """This process's ``VmRSS:`` or ``VmHWM:`` (peak) in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def in_fresh_process(args: Sequence[str], what: str) -> Dict[str, Any]:
+    """Run ``python args`` from the repository root and return the JSON it printed after ``RESULT``:
+    a load measured in a process of its own, so that nothing loaded before counts."""
+    done = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL, timeout=3600)
     if done.returncode != 0:
-        raise RuntimeError(f"load of {path} failed:\n{done.stderr[-3000:]}")
-    line = next(l for l in done.stdout.splitlines() if l.startswith("RESULT"))
-    result = json.loads(line[len("RESULT"):])
+        raise RuntimeError(f"{what} failed:\n{done.stderr[-3000:]}")
+    line = next(line for line in done.stdout.splitlines() if line.startswith("RESULT"))
+    return json.loads(line[len("RESULT"):])
+
+
+def measure_load(path: Path, model_format: str, dtype: str) -> Dict[str, Any]:
+    result = in_fresh_process(["-c", PROBE, str(path), model_format, dtype], f"load of {path}")
     weights = result["total_bytes"]
     result["peak_over_loaded_bytes"] = result["peak_rss_delta"] / weights if weights else None
     return result
